@@ -1,0 +1,403 @@
+"""One dataclass tree with every default of a run, named presets, strict overrides.
+
+Every default lives here and nowhere else. Presets are plain functions returning a `Config`
+(no inheritance chains); overrides are `--section.key=value` strings checked against the tree:
+an unknown key or a value of the wrong type is a `ConfigError` naming the key.
+Derived values (global batch, scaled learning rate, total steps) are never written back into
+the config: the trainer computes them under their own names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A bad preset name, override key, value type or config file: a one-line message."""
+
+
+@dataclass
+class DataConfig:
+    # COCO json files, image folders or manifests (from `fastemd check-data`); several
+    # entries are concatenated (COCO+ = train2017 + unlabeled2017). Empty: the demo dataset.
+    sources: list[str] = field(default_factory=list)
+    loader: str = "auto"  # "dali", "torch" or "auto" (DALI when importable)
+    batch_size: int = 256  # per GPU; global batch = batch_size x world size x grad_accum
+    view1_size: int = 224
+    view2_size: int = 224  # 160 for the asymmetric small second view
+    crop_scale_min: float = 0.08  # random resized crop area range (min, 1)
+    workers: int = 4  # CPU threads (DALI) or processes (torch loader) per GPU
+    hw_decoder_load: float = 0.65  # share of JPEGs for the A100/H100 hardware decoder
+    on_bad_file: str = "skip"  # "skip" a file that fails to decode, or "stop" the run
+    drop_last: bool = True  # drop the incomplete last batch of an epoch
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # resnet18, resnet34, resnet50, resnet101
+    width: int = 64  # channels of the stem; 64 is the standard ResNet
+    zero_init_residual: bool = False  # zero gamma of the last BN in each block
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    sync_bn: bool = True  # SyncBatchNorm under multi-GPU (ignored on CPU)
+    channels_last: bool = True  # ignored on CPU
+
+
+@dataclass
+class LossConfig:
+    gamma: float = 0.05  # entropic regularisation of the Sinkhorn solver
+    n_iters: int = 20  # Sinkhorn iterations (fixed count: a static graph)
+    weights: str = "uniform"  # marginals: "uniform" or "cross" (DeepEMD cross-reference)
+    grad: str = "envelope"  # "envelope" (plan held constant) or "unrolled" (torch impl only)
+    impl: str = "auto"  # "auto" (triton on CUDA), "triton" or "torch"
+    global_weight: float = 1.0  # weight of BYOL's global branch; 0 switches it off
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # "lars" or "sgd" (LARS with the trust ratio off)
+    base_lr: float = 0.2  # lr = base_lr x global_batch / 256
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    eta: float = 1e-3  # LARS trust coefficient
+    warmup_epochs: float = 10.0
+    use_apex: bool = False  # NVIDIA apex fused LARS when importable; torch path otherwise
+
+
+@dataclass
+class EMAConfig:
+    tau_base: float = 0.996  # tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    out_dir: str = "runs/selfemd"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cuda" or "cpu"
+    amp: str = "bf16"  # "bf16", "fp16" (with GradScaler) or "off"; CPU always runs fp32
+    compile: bool = True  # torch.compile on CUDA; ignored on CPU
+    compile_mode: str = "default"  # "default", "reduce-overhead", "max-autotune"
+    grad_accum: int = 1
+    ckpt_every: int = 1000  # steps between checkpoints (also at every epoch end)
+    keep_last: int = 3  # checkpoints kept on disk
+    resume: str = ""  # "", "auto" (newest in out_dir) or a checkpoint path
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between log lines (the only host syncs of the step)
+    dashboard: str = "auto"  # "auto" (rich on a terminal), "rich" or "plain"
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    preset: str = "coco_800ep"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# Presets ------------------------------------------------------------------------------------
+
+
+def coco_800ep() -> Config:
+    """The paper's run: COCO train2017, 800 epochs, global batch 4096 on 8 GPUs."""
+    cfg = Config(preset="coco_800ep")
+    cfg.data.sources = ["datasets/coco/annotations/instances_train2017.json"]
+    cfg.data.batch_size = 512
+    cfg.train.epochs = 800
+    cfg.train.out_dir = "runs/coco_800ep"
+    return cfg
+
+
+def cocoplus_800ep() -> Config:
+    """COCO+ : train2017 and unlabeled2017 concatenated (~241k images)."""
+    cfg = coco_800ep()
+    cfg.preset = "cocoplus_800ep"
+    cfg.data.sources = [
+        "datasets/coco/annotations/instances_train2017.json",
+        "datasets/coco/annotations/image_info_unlabeled2017.json",
+    ]
+    cfg.train.out_dir = "runs/cocoplus_800ep"
+    return cfg
+
+
+def imagenet_300ep() -> Config:
+    """ImageNet train folder, 300 epochs: BYOL's shorter-schedule lr and weight decay."""
+    cfg = Config(preset="imagenet_300ep")
+    cfg.data.sources = ["datasets/imagenet/train"]
+    cfg.data.batch_size = 512
+    cfg.train.epochs = 300
+    cfg.optim.base_lr = 0.3
+    cfg.optim.weight_decay = 1e-6
+    cfg.train.out_dir = "runs/imagenet_300ep"
+    return cfg
+
+
+def bench() -> Config:
+    """Throughput measurements: ResNet-50, 224/224, batch 256 per GPU, a short capped run."""
+    cfg = Config(preset="bench")
+    cfg.data.batch_size = 256
+    cfg.train.max_steps = 100
+    cfg.train.ckpt_every = 0
+    cfg.train.out_dir = "runs/bench"
+    return cfg
+
+
+def demo() -> Config:
+    """A few minutes on a 2-core CPU: the embedded demo dataset, a tiny ResNet-18, small views.
+
+    Every part of the real path runs (data pipeline, EMD loss, LARS, EMA, checkpoints,
+    dashboard); only the sizes are small.
+    """
+    cfg = Config(preset="demo")
+    cfg.data.sources = []  # the demo dataset, made on first use in the cache directory
+    cfg.data.batch_size = 16
+    cfg.data.view1_size = 96
+    cfg.data.view2_size = 96
+    cfg.data.workers = 2
+    cfg.model.arch = "resnet18"
+    cfg.model.width = 16
+    cfg.model.proj_hidden = 256
+    cfg.model.proj_dim = 64
+    cfg.model.pred_hidden = 256
+    cfg.optim.warmup_epochs = 1.0
+    cfg.optim.base_lr = 0.2
+    cfg.train.epochs = 4
+    cfg.train.ckpt_every = 20
+    cfg.train.out_dir = "runs/demo"
+    cfg.log.every = 5
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "demo": demo,
+    "coco_800ep": coco_800ep,
+    "cocoplus_800ep": cocoplus_800ep,
+    "imagenet_300ep": imagenet_300ep,
+    "bench": bench,
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# Overrides ----------------------------------------------------------------------------------
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    """Every dotted key of the tree, e.g. 'loss.gamma'."""
+    cfg = cfg or Config()
+    keys = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(value)]
+        else:
+            keys.append(section.name)
+    return keys
+
+
+def _field_type(obj, name: str):
+    hints = typing.get_type_hints(type(obj))
+    return hints[name]
+
+
+def _coerce(key: str, raw, typ):
+    """Turn `raw` (a CLI string or a TOML value) into `typ`, or raise a one-line ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(typ)[:1]
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    raw = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{key}: cannot parse {raw!r} as a list ({e.msg})") from None
+            else:
+                raw = [part for part in text.split(",") if part]
+        if not isinstance(raw, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {raw!r}")
+        return [_coerce(key, x, item) for x in raw]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config")
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a bool (true/false), got {raw!r}")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected an int, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw), 0)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an int, got {raw!r}") from None
+    if typ is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected a float, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a float, got {raw!r}") from None
+    if typ is str:
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected a string, got {raw!r}")
+        return str(raw)
+    raise ConfigError(f"{key}: unsupported field type {typ}")  # pragma: no cover
+
+
+def set_key(cfg: Config, key: str, raw) -> None:
+    """Set the dotted `key` of `cfg` from `raw`, strictly."""
+    parts = key.split(".")
+    keys = valid_keys(cfg)
+    if len(parts) != 2 or key not in keys:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key, keys)}")
+    section = getattr(cfg, parts[0])
+    setattr(section, parts[1], _coerce(key, raw, _field_type(section, parts[1])))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--section.key=value` (or `section.key=value`) strings in order."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        key, raw = text.split("=", 1)
+        set_key(cfg, key, raw)
+    return cfg
+
+
+def load_toml(cfg: Config, path: str | Path) -> Config:
+    """Apply a TOML file with tables named like the sections ([loss] gamma = 0.05)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for section, values in data.items():
+        if section == "preset":
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a table like [loss]{_suggest(section, _sections())}")
+        for name, raw in values.items():
+            try:
+                set_key(cfg, f"{section}.{name}", raw)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+
+
+def resolve(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """preset (or the TOML file's `preset = ...`, else coco_800ep) -> TOML file -> overrides."""
+    name = preset
+    if name is None and config_file is not None:
+        try:
+            name = tomllib.loads(Path(config_file).read_text()).get("preset")
+        except (FileNotFoundError, tomllib.TOMLDecodeError):
+            name = None  # load_toml below reports the problem with the file's name
+    cfg = get_preset(name or "coco_800ep")
+    if config_file is not None:
+        load_toml(cfg, config_file)
+    apply_overrides(cfg, list(overrides))
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.loader": ("auto", "dali", "torch"),
+    "data.on_bad_file": ("skip", "stop"),
+    "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "loss.weights": ("uniform", "cross"),
+    "loss.grad": ("envelope", "unrolled"),
+    "loss.impl": ("auto", "triton", "torch"),
+    "optim.name": ("lars", "sgd"),
+    "train.device": ("auto", "cuda", "cpu"),
+    "train.amp": ("bf16", "fp16", "off"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "log.dashboard": ("auto", "rich", "plain"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check values that a type alone cannot: choices and ranges."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}")
+    positive = ["data.batch_size", "data.view1_size", "data.view2_size", "model.width", "model.proj_hidden",
+                "model.proj_dim", "model.pred_hidden", "loss.gamma", "loss.n_iters", "train.grad_accum",
+                "train.epochs", "train.keep_last", "log.every"]
+    for key in positive:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)!r}")
+    for key in ["train.max_steps", "train.ckpt_every", "data.workers", "optim.weight_decay",
+                "optim.warmup_epochs", "loss.global_weight", "optim.base_lr"]:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(cfg, section), name)!r}")
+    if not 0.0 < cfg.data.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {cfg.data.crop_scale_min!r}")
+    if not 0.0 <= cfg.ema.tau_base <= 1.0:
+        raise ConfigError(f"ema.tau_base must be in [0, 1], got {cfg.ema.tau_base!r}")
+    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
+        raise ConfigError(f"data.hw_decoder_load must be in [0, 1], got {cfg.data.hw_decoder_load!r}")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as a TOML file that `--config` reads back to the same tree."""
+    lines = [f"preset = {json.dumps(cfg.preset)}"]
+    for section in _sections():
+        lines.append(f"\n[{section}]")
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            lines.append(f"{name} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"

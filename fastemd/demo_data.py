@@ -1,0 +1,135 @@
+"""The embedded demo dataset: a small COCO-format set of synthetic scenes.
+
+`make_demo_data(root)` writes, deterministically for a seed,
+
+    root/train2017/000000000001.jpg ...
+    root/annotations/instances_train2017.json   (images, annotations, categories)
+
+laid out exactly like COCO so that every code path that reads COCO reads it too. Each scene is
+a textured background (stripes, checks, noise or a gradient) with several textured objects
+(ellipses, rectangles, triangles) at varied sizes; the boxes of the objects are written as
+COCO annotations. Sizes vary between 320 and 640 px per side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+CATEGORIES = [
+    {"id": 1, "name": "ellipse", "supercategory": "shape"},
+    {"id": 2, "name": "rectangle", "supercategory": "shape"},
+    {"id": 3, "name": "triangle", "supercategory": "shape"},
+]
+ANNOTATION_FILE = "annotations/instances_train2017.json"
+IMAGE_DIR = "train2017"
+DEFAULT_NUM_IMAGES = 256
+
+
+def default_cache_dir() -> Path:
+    """Where the demo preset keeps its dataset: $FASTEMD_CACHE, else ~/.cache/fastemd."""
+    base = os.environ.get("FASTEMD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastemd")
+    return Path(base) / "demo-coco"
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """An (h, w, 3) float texture in [0, 1]: stripes, checks, smooth noise or a gradient."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    kind = rng.integers(4)
+    if kind == 0:  # stripes at a random angle and period
+        angle, period = rng.uniform(0, np.pi), rng.uniform(6, 40)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+    elif kind == 1:  # checkerboard
+        cell = int(rng.integers(6, 40))
+        t = ((xx // cell + yy // cell) % 2).astype(np.float32)
+    elif kind == 2:  # smooth noise: a coarse random grid upsampled by repetition and blurred by sums
+        cell = int(rng.integers(4, 24))
+        grid = rng.uniform(0, 1, (h // cell + 2, w // cell + 2)).astype(np.float32)
+        t = np.kron(grid, np.ones((cell, cell), np.float32))[:h, :w]
+    else:  # linear gradient
+        angle = rng.uniform(0, 2 * np.pi)
+        t = xx * np.cos(angle) + yy * np.sin(angle)
+        t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+    return t[..., None] * c1 + (1 - t[..., None]) * c2  # (h, w, 3)
+
+
+def _shape_mask(rng: np.random.Generator, kind: int, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == 1:  # ellipse
+        return ((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2 <= 1.0
+    if kind == 2:  # rectangle
+        return np.ones((h, w), bool)
+    # triangle: apex on the top edge, base on the bottom edge
+    apex = rng.uniform(0.2, 0.8) * w
+    left = apex * (1 - yy / h)
+    right = apex + (w - apex) * (yy / h)
+    return (xx >= left) & (xx <= right)
+
+
+def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
+    """One (H, W, 3) uint8 scene and its objects as {'bbox': [x, y, w, h], 'category_id', 'area'}."""
+    h, w = (int(s) for s in rng.integers(320, 641, size=2))
+    image = _texture(rng, h, w)
+    objects = []
+    for _ in range(int(rng.integers(2, 7))):
+        oh = int(rng.integers(max(24, h // 10), h // 2))
+        ow = int(rng.integers(max(24, w // 10), w // 2))
+        y0, x0 = int(rng.integers(0, h - oh)), int(rng.integers(0, w - ow))
+        kind = int(rng.integers(1, 4))
+        mask = _shape_mask(rng, kind, oh, ow)
+        patch = _texture(rng, oh, ow)
+        region = image[y0 : y0 + oh, x0 : x0 + ow]
+        region[mask] = patch[mask]
+        objects.append({"bbox": [x0, y0, ow, oh], "category_id": kind, "area": float(mask.sum())})
+    image += rng.normal(0, 0.02, image.shape)  # sensor-like noise so JPEG blocks are not flat
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8), objects
+
+
+def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, quality: int = 90) -> Path:
+    """Write the demo dataset under `root` and return the annotation file's path.
+
+    Files are written to temporary names and renamed, and the json last: a dataset whose json
+    exists is complete.
+    """
+    from PIL import Image
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    root = Path(root)
+    (root / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        pixels, objects = make_scene(rng)
+        name = f"{image_id:012d}.jpg"
+        tmp = root / IMAGE_DIR / f".{name}.tmp"
+        Image.fromarray(pixels).save(tmp, format="JPEG", quality=quality)
+        os.replace(tmp, root / IMAGE_DIR / name)
+        images.append({"id": image_id, "file_name": name, "height": pixels.shape[0], "width": pixels.shape[1]})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
+    info = {"description": "fastemd demo dataset (synthetic scenes)", "version": "1.0", "seed": seed}
+    data = {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
+    json_path = root / ANNOTATION_FILE
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, json_path)
+    return json_path
+
+
+def ensure_demo_data(root: str | Path | None = None, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0) -> Path:
+    """The demo dataset's annotation file, made on first use and reused after."""
+    root = Path(root) if root is not None else default_cache_dir()
+    json_path = root / ANNOTATION_FILE
+    if json_path.is_file():
+        try:
+            if len(json.loads(json_path.read_text())["images"]) == num_images:
+                return json_path
+        except (ValueError, KeyError):
+            pass  # a damaged or different-size dataset is made again below
+    return make_demo_data(root, num_images=num_images, seed=seed)

@@ -1,0 +1,128 @@
+"""The config tree: presets, strict overrides, TOML files, and their one-line errors."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from fastemd import config as C
+from fastemd.cli import main
+
+
+def test_every_default_in_one_place_and_first_keys_exist():
+    keys = C.valid_keys()
+    for key in ["model.arch", "data.sources", "data.batch_size", "train.epochs", "train.max_steps",
+                "train.out_dir", "loss.gamma", "loss.n_iters"]:
+        assert key in keys
+    cfg = C.Config()
+    # SPEC defaults
+    assert (cfg.loss.gamma, cfg.loss.n_iters, cfg.loss.weights) == (0.05, 20, "uniform")
+    assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.eta) == (0.2, 1.5e-6, 0.9, 1e-3)
+    assert cfg.optim.warmup_epochs == 10 and cfg.ema.tau_base == 0.996 and cfg.loss.global_weight == 1.0
+
+
+@pytest.mark.parametrize("name", list(C.PRESETS))
+def test_presets_are_valid_and_named(name):
+    cfg = C.get_preset(name)
+    assert cfg.preset == name
+    C.validate(cfg)
+
+
+def test_short_schedule_preset_uses_byol_short_lr_and_wd():
+    cfg = C.get_preset("imagenet_300ep")
+    assert (cfg.train.epochs, cfg.optim.base_lr, cfg.optim.weight_decay) == (300, 0.3, 1e-6)
+    assert C.get_preset("cocoplus_800ep").data.sources[1].endswith("image_info_unlabeled2017.json")
+
+
+def test_overrides_coerce_types():
+    cfg = C.resolve("demo", None, ["--loss.gamma=0.1", "train.max_steps=0x10", "train.compile=false",
+                                   "data.sources=a.json,b/", "model.arch=resnet50"])
+    assert cfg.loss.gamma == 0.1 and isinstance(cfg.loss.gamma, float)
+    assert cfg.train.max_steps == 16
+    assert cfg.train.compile is False
+    assert cfg.data.sources == ["a.json", "b/"]
+    cfg = C.resolve("demo", None, ['data.sources=["x y.json"]'])
+    assert cfg.data.sources == ["x y.json"]
+
+
+def test_overrides_do_not_leak_between_presets():
+    a = C.resolve("demo", None, ["data.sources=a.json"])
+    b = C.get_preset("demo")
+    assert a.data.sources == ["a.json"] and b.data.sources == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.gama=0.1", "unknown config key 'loss.gama' (did you mean 'loss.gamma'?)"),
+    ("gamma=0.1", "unknown config key 'gamma'"),
+    ("loss.gamma=fast", "loss.gamma: expected a float, got 'fast'"),
+    ("train.max_steps=1.5", "train.max_steps: expected an int, got '1.5'"),
+    ("train.compile=maybe", "train.compile: expected a bool"),
+    ("loss.gamma", "must look like --section.key=value"),
+    ("loss.impl=cuda", "loss.impl: 'cuda' is not one of auto, triton, torch"),
+    ("data.batch_size=0", "data.batch_size must be > 0"),
+])
+def test_bad_overrides_raise_one_line_errors(override, message):
+    with pytest.raises(C.ConfigError) as err:
+        C.resolve("demo", None, [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_preset_suggests_nearest():
+    with pytest.raises(C.ConfigError, match=r"unknown preset 'coco800' \(did you mean 'coco_800ep'\?\)"):
+        C.get_preset("coco800")
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = C.resolve("demo", None, ["loss.gamma=0.07", "data.sources=a.json,b.json", "optim.weight_decay=1.5e-6"])
+    path = tmp_path / "run.toml"
+    path.write_text(C.to_toml(cfg))
+    again = C.resolve(None, str(path), [])
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_toml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[loss]\ngama = 0.1\n")
+    with pytest.raises(C.ConfigError, match=r"bad.toml: unknown config key 'loss.gama'"):
+        C.resolve("demo", str(bad), [])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[loss\n")
+    with pytest.raises(C.ConfigError, match=r"broken.toml: not valid TOML"):
+        C.resolve("demo", str(broken), [])
+    with pytest.raises(C.ConfigError, match=r"missing.toml: config file not found"):
+        C.resolve("demo", str(tmp_path / "missing.toml"), [])
+
+
+def test_toml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text('preset = "demo"\n[loss]\ngamma = 0.2\nn_iters = 5\n')
+    cfg = C.resolve(None, str(path), ["loss.gamma=0.3"])
+    assert (cfg.preset, cfg.loss.gamma, cfg.loss.n_iters) == ("demo", 0.3, 5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "demo", "--loss.gama=1"], "did you mean 'loss.gamma'?"),
+    (["train", "--preset", "dmo"], "unknown preset 'dmo'"),
+    (["train", "--preset", "demo", "--train.epochs=ten"], "train.epochs: expected an int"),
+    (["train", "--preset", "demo", "--train.epochs"], "has no value"),
+])
+def test_cli_config_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_print_config_both_override_spellings(capsys):
+    assert main(["train", "--preset", "demo", "--loss.gamma", "0.125", "--train.max_steps=7", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "gamma = 0.125" in out and "max_steps = 7" in out and 'preset = "demo"' in out
+
+
+def test_console_script_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "fastemd.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ["train", "profile", "check-data", "export", "make-demo-data"]:
+        assert command in out
+    out = subprocess.run([sys.executable, "-m", "fastemd.cli", "train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--loss.gamma=0.05" in out and "demo" in out and "torchrun" in out
