@@ -23,7 +23,7 @@ from fastemd.config import PRESETS, ConfigError, resolve, valid_keys
 _TRAIN_EPILOG = """\
 config overrides (strict: an unknown key or a wrong type is an error):
   --section.key=value   e.g. --loss.gamma=0.05 --data.batch_size=128 --train.max_steps=1000
-                        lists: --data.sources=a.json,b.json   bools: --train.compile=false
+                        lists: --data.sources=a.json,b.json   bools: --log.tensorboard=true
   keys: {keys}
 
 examples:
@@ -66,10 +66,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
         print(to_toml(cfg), end="")
         return 0
-    from fastemd.train import train
+    from fastemd.train import main as train_main
 
-    train(cfg)
-    return 0
+    return train_main(cfg)
 
 
 def _make_demo_data(args: argparse.Namespace, rest: list[str]) -> int:

@@ -90,8 +90,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cuda" or "cpu"
     amp: str = "bf16"  # "bf16", "fp16" (with GradScaler) or "off"; CPU always runs fp32
-    compile: bool = True  # torch.compile on CUDA; ignored on CPU
+    compile: str = "auto"  # torch.compile: "auto" (on for CUDA, off on CPU), "on" or "off"
     compile_mode: str = "default"  # "default", "reduce-overhead", "max-autotune"
+    compile_backend: str = "inductor"  # "aot_eager" traces without code generation (debugging)
     grad_accum: int = 1
     ckpt_every: int = 1000  # steps between checkpoints (also at every epoch end)
     keep_last: int = 3  # checkpoints kept on disk
@@ -361,7 +362,9 @@ _CHOICES = {
     "optim.name": ("lars", "sgd"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.amp": ("bf16", "fp16", "off"),
+    "train.compile": ("auto", "on", "off"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "log.dashboard": ("auto", "rich", "plain"),
 }
 

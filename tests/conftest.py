@@ -7,10 +7,15 @@ on every machine.
 
 import os
 
+# One thread per process (and per subprocess a test starts): the machine has 2 cores shared by
+# the suite, and fixed threading keeps CPU float results, hence the golden losses, reproducible.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 try:  # torch decides; importing it does not import triton
     import torch
 
     _HAS_CUDA = torch.cuda.is_available()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 

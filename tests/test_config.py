@@ -36,11 +36,11 @@ def test_short_schedule_preset_uses_byol_short_lr_and_wd():
 
 
 def test_overrides_coerce_types():
-    cfg = C.resolve("demo", None, ["--loss.gamma=0.1", "train.max_steps=0x10", "train.compile=false",
+    cfg = C.resolve("demo", None, ["--loss.gamma=0.1", "train.max_steps=0x10", "train.compile=off",
                                    "data.sources=a.json,b/", "model.arch=resnet50"])
     assert cfg.loss.gamma == 0.1 and isinstance(cfg.loss.gamma, float)
     assert cfg.train.max_steps == 16
-    assert cfg.train.compile is False
+    assert cfg.train.compile == "off"
     assert cfg.data.sources == ["a.json", "b/"]
     cfg = C.resolve("demo", None, ['data.sources=["x y.json"]'])
     assert cfg.data.sources == ["x y.json"]
@@ -57,7 +57,8 @@ def test_overrides_do_not_leak_between_presets():
     ("gamma=0.1", "unknown config key 'gamma'"),
     ("loss.gamma=fast", "loss.gamma: expected a float, got 'fast'"),
     ("train.max_steps=1.5", "train.max_steps: expected an int, got '1.5'"),
-    ("train.compile=maybe", "train.compile: expected a bool"),
+    ("train.compile=maybe", "train.compile: 'maybe' is not one of auto, on, off"),
+    ("log.tensorboard=maybe", "log.tensorboard: expected a bool"),
     ("loss.gamma", "must look like --section.key=value"),
     ("loss.impl=cuda", "loss.impl: 'cuda' is not one of auto, triton, torch"),
     ("data.batch_size=0", "data.batch_size must be > 0"),

@@ -1,0 +1,141 @@
+"""Checkpoints that survive crashes: atomic writes, the last K kept, fallback past a bad one.
+
+A checkpoint is `OUT/checkpoints/step_00001234.pt`, a plain dict of tensors and Python values
+(loadable with `torch.load(..., weights_only=True)`): online and target weights (both in
+`model`), optimizer, grad scaler, step, epoch, position in the epoch, RNG states, the resolved
+config and the git revision.
+
+Writing: to `step_X.pt.tmp` in the same folder, flush + fsync, rename over the final name,
+fsync the folder. A crash at any point leaves either the old set of checkpoints or the new one,
+never a half-written file under a final name. Older checkpoints beyond `keep_last` are removed
+only after the new one is in place.
+
+Reading (`--resume auto`): the newest checkpoint that loads; a truncated or corrupt one is
+reported with a warning and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: the message names the file and what is wrong."""
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Checkpoints under out_dir, oldest first (by step number, not by file time)."""
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write `state` atomically as the checkpoint of `step`; prune to the newest `keep_last`."""
+    path = checkpoint_path(out_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load one checkpoint with `weights_only=True`; any problem is a CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, disk error: one clear message
+        raise CheckpointError(f"{path}: cannot be read as a fastemd checkpoint ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("model", "optimizer", "step", "config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a fastemd training checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def load_latest(out_dir: str | Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint under out_dir that loads, skipping (with a warning) bad ones."""
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError as e:
+            warnings.warn(f"skipping unusable checkpoint: {e}; trying the previous one", stacklevel=2)
+    return None
+
+
+def rng_state() -> dict:
+    """Every RNG the process uses, in types `weights_only` loading accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def git_revision() -> str:
+    """The git SHA of the source tree fastemd runs from ('unknown' outside a checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip()
+        if out.returncode != 0 or not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

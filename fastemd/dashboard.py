@@ -1,0 +1,145 @@
+"""What the terminal shows during training (rank 0 only; other ranks print nothing).
+
+On a terminal: a live rich panel with the run and epoch progress bars (ETA) and a table of the
+last log step's metrics. Elsewhere (CI, SLURM logs, `| tee`): one plain line per log step,
+
+    step 120/3200 | ep 2 | loss 1.2345 (emd 0.8123 glob 0.4222) | sim 0.5938 | lr 0.0812 | tau 0.99612 |
+    412.3 ms/step | 621 img/s | data 1.2% | mem 31.2G | mfu 38% | skipped 0 | eta 0:21:14
+
+An "image" is one dataset image, i.e. one pair of views, everywhere in fastemd.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import timedelta
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    return str(timedelta(seconds=int(seconds)))
+
+
+def format_line(m: dict) -> str:
+    """The plain one-line form of a log step's metrics."""
+    parts = [
+        f"step {m['step']}/{m['total_steps']}",
+        f"ep {m['epoch']}",
+        f"loss {m['loss']:.4f} (emd {m['loss_emd']:.4f} glob {m['loss_global']:.4f})",
+        f"sim {m['similarity']:.4f}",
+        f"lr {m['lr']:.4g}",
+        f"tau {m['tau']:.5f}",
+    ]
+    if m.get("ms_per_step") is not None:  # None on a window holding only the (untimed) first step
+        parts += [f"{m['ms_per_step']:.1f} ms/step", f"{m['images_per_s']:.0f} img/s", f"data {m['data_wait_pct']:.1f}%"]
+    if m.get("peak_mem_gb") is not None:
+        parts.append(f"mem {m['peak_mem_gb']:.1f}G")
+    if m.get("mfu") is not None:
+        parts.append(f"mfu {100 * m['mfu']:.0f}%")
+    parts += [f"skipped {m['skipped_steps']}", f"eta {_eta(m.get('eta_s'))}"]
+    return " | ".join(parts)
+
+
+class Dashboard:
+    """`update(metrics)` on log steps, `print(text)` for messages, `close()` at the end."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int = 0, mode: str = "auto",
+                 enabled: bool = True, title: str = "fastemd"):
+        self.enabled = enabled
+        self.console = Console(stderr=False)
+        self.rich = enabled and (mode == "rich" or (mode == "auto" and self.console.is_terminal))
+        self.title = title
+        self.live = None
+        if not self.rich:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:>5}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+        )
+        self.run_task = self.progress.add_task("run", total=total_steps, completed=start_step)
+        self.epoch_task = self.progress.add_task("epoch", total=steps_per_epoch,
+                                                 completed=start_step % max(steps_per_epoch, 1))
+        self.table = self._table({})
+        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def _table(self, m: dict) -> Table:
+        table = Table.grid(padding=(0, 3))
+        for _ in range(4):
+            table.add_column(justify="right", style="cyan")
+            table.add_column(justify="left")
+
+        def get(key, fmt):
+            value = m.get(key)
+            return "-" if value is None else fmt.format(value)
+
+        mfu = m.get("mfu")
+        rows = [
+            ("loss", get("loss_smooth", "{:.4f}"), "emd", get("loss_emd", "{:.4f}"),
+             "global", get("loss_global", "{:.4f}"), "similarity", get("similarity", "{:.4f}")),
+            ("lr", get("lr", "{:.4g}"), "tau", get("tau", "{:.5f}"),
+             "epoch", get("epoch", "{}"), "skipped", get("skipped_steps", "{}")),
+            ("img/s", get("images_per_s", "{:,.0f}"), "ms/step", get("ms_per_step", "{:.1f}"),
+             "data wait", get("data_wait_pct", "{:.1f}%"), "peak mem", get("peak_mem_gb", "{:.1f} GB")),
+            ("MFU", "-" if mfu is None else f"{100 * mfu:.0f}%", "eta", _eta(m.get("eta_s")),
+             "step", f"{m.get('step', '-')}/{m.get('total_steps', '-')}", "", ""),
+        ]
+        for row in rows:
+            table.add_row(*row)
+        return table
+
+    def _render(self):
+        return Panel(Group(self.progress, self.table), title=self.title, border_style="blue")
+
+    def update(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        if not self.rich:
+            print(format_line(m), flush=True)
+            return
+        self.progress.update(self.run_task, completed=m["step"])
+        self.progress.update(self.epoch_task, completed=m["step_in_epoch"], description="epoch")
+        self.table = self._table(m)
+        self.live.update(self._render())
+
+    def new_epoch(self, epoch: int, steps_per_epoch: int, start: int = 0) -> None:
+        if self.rich:
+            self.progress.reset(self.epoch_task, total=steps_per_epoch, completed=start)
+
+    def print(self, text: str, style: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if self.rich:
+            self.console.print(text, style=style)
+        else:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
+class Meter:
+    """Smoothed loss for the dashboard: an exponential moving average of log-step means."""
+
+    def __init__(self, beta: float = 0.9):
+        self.beta, self.value, self.count = beta, 0.0, 0
+
+    def update(self, x: float) -> float:
+        if x == x and abs(x) != float("inf"):  # a non-finite mean does not poison the display
+            self.count += 1
+            self.value = self.beta * self.value + (1 - self.beta) * x
+        return self.value / (1 - self.beta**self.count) if self.count else float("nan")
+
+
+def now() -> float:
+    return time.perf_counter()

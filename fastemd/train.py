@@ -1,0 +1,417 @@
+"""`train(cfg)`: Self-EMD pretraining, one function that reads top to bottom.
+
+    sources -> two-view loader (sharded) -> SelfEMD forward (AMP, channels_last, compiled)
+    -> backward -> LARS step -> EMA update of the target -> metrics -> checkpoint -> export
+
+Run it as `fastemd train ...` (one process) or `torchrun --nproc_per_node=8 tools/train.py ...`
+(DDP over `env://`: NCCL on CUDA, gloo on CPU). Rank 0 alone draws the dashboard and writes
+files; every rank runs the same number of steps.
+
+Host synchronisation: metrics stay on the device and are read (`.item()`) only on log steps.
+The one read per step is a single flag, "was this step's loss finite on every rank", taken
+before the optimizer step so that a non-finite step changes nothing (no LARS, no EMA); with
+fp16 the GradScaler makes the same kind of read for the same reason.
+
+Resume: a checkpoint holds the position (epoch, step in the epoch), so `--resume auto`
+continues the same data order and schedules; on CPU the per-step losses of a resumed run equal
+those of an uninterrupted one (tests/test_train.py). The RNG states saved are rank 0's; the
+model draws no random numbers after initialisation, and the data pipelines seed themselves
+from (seed, epoch, rank), so the other ranks' trajectories resume exactly as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastemd.checkpoint import (
+    load_checkpoint,
+    load_latest,
+    git_revision,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from fastemd.config import Config, to_toml
+from fastemd.dashboard import Dashboard, Meter, now
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: the message says why and where the last good checkpoint is."""
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_choice: str) -> Env:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is available; use --train.device=cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+    return Env(rank, world_size, local_rank, device)
+
+
+def resolve_data(cfg: Config, env: Env) -> list[str]:
+    """The image paths of cfg.data.sources (the demo dataset when there are none)."""
+    from fastemd.pipelines import resolve_sources
+
+    sources = list(cfg.data.sources)
+    if not sources:
+        from fastemd.demo_data import ensure_demo_data
+
+        if env.main:
+            ensure_demo_data()
+        if env.distributed:
+            dist.barrier()  # rank 0 made the demo data; the others read it after
+        sources = [str(ensure_demo_data())]
+    return resolve_sources(sources)
+
+
+def choose_loader(kind: str) -> str:
+    if kind != "auto":
+        return kind
+    return "dali" if importlib.util.find_spec("nvidia.dali") is not None else "torch"
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step end.
+
+    A second SIGINT raises KeyboardInterrupt at once (a user who really means it)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the handlers alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Config) -> dict:
+    """Pretrain; returns how it ended, the paths of what it wrote, and the (unwrapped) model."""
+    from fastemd.model import SelfEMD
+    from fastemd.optim import build_optimizer, global_batch_lr, lr_schedule, tau_schedule, wd_schedule
+    from fastemd.pipelines import build_two_view_loader
+
+    env = setup_distributed(cfg.train.device)
+    cuda = env.device.type == "cuda"
+    out_dir = Path(cfg.train.out_dir)
+    say = print if env.main else (lambda *a, **k: None)
+
+    # ---- run folder and resolved config ---------------------------------------------------
+    revision = git_revision()
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(f"# fastemd {revision}\n" + to_toml(cfg))
+        say(f"fastemd: resolved config (saved to {out_dir / 'config.toml'}), git {revision}")
+        say(to_toml(cfg))
+
+    # ---- data -------------------------------------------------------------------------------
+    files = resolve_data(cfg, env)
+    loader_kind = choose_loader(cfg.data.loader)
+    loader = build_two_view_loader(
+        files, kind=loader_kind, batch_size=cfg.data.batch_size,
+        view_sizes=(cfg.data.view1_size, cfg.data.view2_size), crop_scale_min=cfg.data.crop_scale_min,
+        rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device.type,
+        workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
+        on_bad_file=cfg.data.on_bad_file, drop_last=cfg.data.drop_last,
+    )
+    accum = cfg.train.grad_accum
+    steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
+    global_batch = cfg.data.batch_size * env.world_size * accum
+    if steps_per_epoch < 1:
+        raise TrainingError(
+            f"the dataset has {len(files)} images, fewer than one global batch of {global_batch} "
+            f"(data.batch_size={cfg.data.batch_size} x {env.world_size} ranks x grad_accum {accum}): "
+            "lower --data.batch_size or add data"
+        )
+    total_steps = cfg.train.epochs * steps_per_epoch  # what the schedules span
+    run_steps = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+    lr_sched = lr_schedule(cfg.optim.base_lr, global_batch, cfg.train.epochs, cfg.optim.warmup_epochs, steps_per_epoch)
+    wd_sched = wd_schedule(cfg.optim.weight_decay, total_steps)
+    tau_sched = tau_schedule(cfg.ema.tau_base, total_steps)
+
+    # ---- model, optimizer ----------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = SelfEMD(cfg.model, cfg.loss)
+    if env.distributed and cuda and cfg.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if (cuda and cfg.model.channels_last) else torch.contiguous_format
+    model = model.to(env.device, memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg.optim)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if cuda else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+
+    # ---- resume -------------------------------------------------------------------------------
+    step, epoch, start_in_epoch, skipped = 0, 0, 0, 0
+    resumed_from = None
+    if cfg.train.resume:
+        found = load_latest(out_dir) if cfg.train.resume == "auto" else (load_checkpoint(cfg.train.resume), cfg.train.resume)
+        if found is None:
+            say(f"fastemd: --resume auto: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+        else:
+            state, resumed_from = found
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+            skipped = state.get("skipped_steps", 0)
+            if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+                raise TrainingError(
+                    f"{resumed_from}: saved with {state['steps_per_epoch']} steps per epoch, this run has "
+                    f"{steps_per_epoch} (different data, batch size or world size); start a new out_dir"
+                )
+            set_rng_state(state["rng"])
+            say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)")
+    if start_in_epoch >= steps_per_epoch:
+        epoch, start_in_epoch = epoch + 1, 0
+    if not resumed_from:
+        torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seeds for anything random after init
+
+    step_model: nn.Module = model
+    if env.distributed:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
+    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda):
+        step_model = torch.compile(step_model, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode,
+                                   backend=cfg.train.compile_backend)
+
+    # ---- what we report ---------------------------------------------------------------------
+    from fastemd.flops import flops_per_pair, peak_flops
+
+    peak = peak_flops(env.device)
+    pair_flops = flops_per_pair(cfg.model, cfg.loss, (cfg.data.view1_size, cfg.data.view2_size)) if peak else None
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if env.main else None
+    tb = None
+    if env.main and cfg.log.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            say("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
+    say(f"fastemd: {len(files)} images, loader {loader_kind}, {env.world_size} rank(s) on {env.device.type}, "
+        f"global batch {global_batch}, peak lr {global_batch_lr(cfg.optim.base_lr, global_batch):.4g}, "
+        f"{steps_per_epoch} steps/epoch, {run_steps} steps to run (schedules span {total_steps})")
+
+    dash = Dashboard(run_steps, steps_per_epoch, start_step=step, mode=cfg.log.dashboard, enabled=env.main,
+                     title=f"fastemd {cfg.preset}: {cfg.model.arch} on {env.world_size}x {env.device.type}")
+    keys = ("loss", "loss_emd", "loss_global", "similarity")
+    window = torch.zeros(len(keys), device=env.device)  # sums over the log window, on the device
+    window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None
+    smooth = Meter()
+    bad_in_row = 0
+    last_ckpt: Path | None = Path(resumed_from) if resumed_from else None
+    saved_at = step if resumed_from else -1
+    ended = "finished"
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt, saved_at
+        if not env.main or saved_at == step:
+            return
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
+            "skipped_steps": skipped, "rng": rng_state(), "config": cfg.to_dict(), "git": revision,
+            "world_size": env.world_size,
+        }
+        last_ckpt = save_checkpoint(state, out_dir, step, cfg.train.keep_last)
+        saved_at = step
+
+    step_in_epoch = start_in_epoch
+    with StopSignal() as stop:
+        try:
+            while step < run_steps and epoch < cfg.train.epochs:
+                batches = iter(loader.epoch(epoch, start_step=start_in_epoch * accum))
+                dash.new_epoch(epoch, steps_per_epoch, start_in_epoch)
+                for step_in_epoch in range(start_in_epoch, steps_per_epoch):
+                    if step >= run_steps:
+                        break
+                    for group in optimizer.param_groups:  # schedules indexed by the global step
+                        group["lr"] = float(lr_sched[step])
+                        group["weight_decay"] = float(wd_sched[step])
+
+                    loss_sum = torch.zeros((), device=env.device)
+                    for micro in range(accum):
+                        t0 = now()
+                        v1, v2 = next(batches)
+                        window_data_wait += now() - t0
+                        v1 = v1.to(env.device, non_blocking=True, memory_format=memory_format)
+                        v2 = v2.to(env.device, non_blocking=True, memory_format=memory_format)
+                        sync_ctx = step_model.no_sync() if env.distributed and micro < accum - 1 else contextlib.nullcontext()
+                        with sync_ctx, torch.autocast(env.device.type, dtype=amp_dtype or torch.float32,
+                                                      enabled=amp_dtype is not None):
+                            out = step_model(v1, v2)
+                            scaler.scale(out["loss"] / accum).backward()
+                        parts = torch.stack([out[k].detach().float() for k in keys])  # (4,)
+                        window += parts / accum
+                        loss_sum += parts[0]
+
+                    # The one host read per step: skip the update unless the loss is finite on all ranks.
+                    finite = torch.isfinite(loss_sum).float()
+                    if env.distributed:
+                        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    if finite.item() == 1.0:
+                        scaler.step(optimizer)
+                        scaler.update()
+                        model.update_target(float(tau_sched[step]))
+                        bad_in_row = 0
+                    else:
+                        skipped += 1
+                        bad_in_row += 1
+                        dash.print(f"step {step + 1}: non-finite loss; update skipped ({bad_in_row} in a row)",
+                                   style="yellow")
+                        if bad_in_row >= cfg.train.max_bad_steps:
+                            raise TrainingError(
+                                f"{bad_in_row} non-finite losses in a row (step {step + 1}); stopping. "
+                                f"Last good checkpoint: {last_ckpt or 'none yet'}. Lower optim.base_lr, "
+                                "try train.amp=bf16, or check the data"
+                            )
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    window_steps += 1
+                    timed_steps += 1
+                    if window_start is None:  # the first step (compilation, warm-up) is logged, not timed
+                        timed_steps, window_data_wait, window_start = 0, 0.0, now()
+
+                    last = step == run_steps or step_in_epoch + 1 == steps_per_epoch
+                    if window_steps and (step % cfg.log.every == 0 or last):
+                        means = (window / window_steps).tolist()  # syncs: log steps only
+                        m = dict(zip(keys, means))
+                        m.update(step=step, total_steps=run_steps, epoch=epoch, step_in_epoch=step_in_epoch + 1,
+                                 loss_smooth=smooth.update(m["loss"]), lr=float(lr_sched[step - 1]),
+                                 tau=float(tau_sched[step - 1]), skipped_steps=skipped,
+                                 peak_mem_gb=torch.cuda.max_memory_allocated(env.device) / 1e9 if cuda else None)
+                        elapsed = now() - window_start
+                        if timed_steps:
+                            sec_per_step = elapsed / timed_steps
+                            images_per_s = global_batch / sec_per_step
+                            m.update(ms_per_step=1000 * sec_per_step, images_per_s=images_per_s,
+                                     data_wait_pct=100 * window_data_wait / elapsed,
+                                     mfu=pair_flops * images_per_s / (peak * env.world_size) if peak else None,
+                                     eta_s=(run_steps - step) * sec_per_step)
+                        dash.update(m)
+                        if metrics_file:
+                            metrics_file.write(json.dumps(m) + "\n")
+                            metrics_file.flush()
+                        if tb is not None:
+                            for k in (*keys, "lr", "tau", "images_per_s", "data_wait_pct"):
+                                tb.add_scalar(f"train/{k}", m[k], step)
+                        window.zero_()
+                        window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, now()
+
+                    stop_now = stop.signum
+                    if env.distributed and (step % cfg.log.every == 0 or last):
+                        # Ranks agree on stopping at log steps (a signal may reach them at different steps).
+                        flag = torch.tensor(float(stop.signum), device=env.device)
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                        stop_now = int(flag.item())
+                    elif env.distributed:
+                        stop_now = 0
+                    if stop_now:
+                        ended = f"stopped by {signal.Signals(stop_now).name}"
+                        checkpoint()
+                        dash.print(f"fastemd: {ended} at step {step}; checkpoint {last_ckpt}", style="bold yellow")
+                        break
+                    if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
+                        checkpoint()
+                else:  # the epoch ran to its end
+                    checkpoint()
+                    epoch, start_in_epoch = epoch + 1, 0
+                    continue
+                break  # stopped by a signal or by max_steps inside the epoch
+            if ended == "finished":
+                checkpoint()
+        except torch.cuda.OutOfMemoryError:
+            if step > 0:
+                raise
+            raise TrainingError(
+                f"CUDA out of memory in the first step at data.batch_size={cfg.data.batch_size} per GPU "
+                f"({cfg.model.arch}, views {cfg.data.view1_size}/{cfg.data.view2_size}, amp {cfg.train.amp}); "
+                f"try --data.batch_size={max(cfg.data.batch_size // 2, 1)}"
+            ) from None
+        finally:
+            dash.close()
+            if metrics_file:
+                metrics_file.close()
+            if tb is not None:
+                tb.close()
+
+    result = {"out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
+              "metrics": str(out_dir / "metrics.jsonl"), "step": step, "ended": ended,
+              "skipped_steps": skipped, "signal": stop.signum, "model": model}
+    if env.main and ended == "finished" and last_ckpt is not None:
+        from fastemd.export import export_checkpoint
+
+        backbone = out_dir / "backbone_torchvision.pth"
+        export_checkpoint(last_ckpt, backbone, fmt="torchvision", network="online")
+        result["backbone"] = str(backbone)
+    if env.main:
+        say(f"fastemd: {ended} at step {step}/{run_steps} ({skipped} skipped)")
+        say(f"  checkpoint: {result['checkpoint']}")
+        say(f"  metrics:    {result['metrics']}")
+        if "backbone" in result:
+            say(f"  backbone:   {result['backbone']} (torchvision resnet state dict; "
+                f"`fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)")
+    return result
+
+
+def main(cfg: Config) -> int:
+    """`fastemd train` after the config is resolved: the exit status for the shell."""
+    try:
+        result = train(cfg)
+    except TrainingError as e:
+        print(f"fastemd: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 128 + result["signal"] if result["signal"] else 0

@@ -1,0 +1,271 @@
+"""The trainer on CPU: golden losses, exact resume, preemption, corrupt checkpoints, non-finite
+steps, two gloo ranks, and the compiled path."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastemd.checkpoint import list_checkpoints, load_checkpoint, load_latest
+from fastemd.config import resolve
+from fastemd.demo_data import make_demo_data
+from fastemd.train import TrainingError, train
+
+ASSETS = Path(__file__).parent / "assets"
+# The demo preset, made smaller so that a step takes a fraction of a second on 2 cores.
+TINY = ["model.width=8", "model.proj_hidden=32", "model.proj_dim=16", "model.pred_hidden=32",
+        "data.batch_size=8", "data.view1_size=64", "data.view2_size=64", "data.workers=0",
+        "data.loader=torch", "train.epochs=10", "log.every=1", "log.dashboard=plain", "train.ckpt_every=0"]
+
+
+@pytest.fixture(scope="module")
+def demo_json(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    return str(make_demo_data(root, num_images=32, seed=0))
+
+
+def tiny_cfg(demo_json, out_dir, *extra):
+    return resolve("demo", None, [*TINY, f"data.sources={demo_json}", f"train.out_dir={out_dir}", *extra])
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def test_golden_losses(demo_json, tmp_path):
+    """A seed-fixed 20-step run: per-step losses checked in. A change that moves them must say why
+    (and regenerate tests/assets/losses_demo.json with FASTEMD_REGEN_GOLDEN=1)."""
+    result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=20"))
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 21))
+    golden_file = ASSETS / "losses_demo.json"
+    if os.environ.get("FASTEMD_REGEN_GOLDEN"):
+        golden_file.write_text(json.dumps({str(k): v for k, v in got.items()}, indent=1) + "\n")
+    golden = {int(k): v for k, v in json.loads(golden_file.read_text()).items()}
+    assert golden.keys() == got.keys()
+    for k in golden:
+        assert got[k] == pytest.approx(golden[k], rel=1e-4, abs=1e-5), f"step {k}"
+    assert result["ended"] == "finished" and result["step"] == 20
+    assert Path(result["backbone"]).is_file()
+
+
+def test_resume_is_exact(demo_json, tmp_path):
+    # 32 images / batch 8 = 4 steps per epoch: the interruption at step 6 is mid-epoch 1.
+    full = tmp_path / "full"
+    train(tiny_cfg(demo_json, full, "train.max_steps=10", "train.epochs=3"))
+    part = tmp_path / "part"
+    train(tiny_cfg(demo_json, part, "train.max_steps=6", "train.epochs=3"))
+    state = load_checkpoint(list_checkpoints(part)[-1])
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (6, 1, 2)
+    result = train(tiny_cfg(demo_json, part, "train.max_steps=10", "train.epochs=3", "train.resume=auto"))
+    assert result["step"] == 10
+    a, b = losses(full), losses(part)
+    for k in range(7, 11):
+        assert a[k] == b[k], f"step {k}: {a[k]} != {b[k]}"
+    sa = load_checkpoint(list_checkpoints(full)[-1])["model"]
+    sb = load_checkpoint(list_checkpoints(part)[-1])["model"]
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_checkpoints_every_n_steps_and_epoch_end_keep_last(demo_json, tmp_path):
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=7", "train.ckpt_every=3", "train.keep_last=2"))
+    # saved at 3, 4 (epoch end), 6, 7 (end); the newest two kept
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006.pt", "step_00000007.pt"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    for key in ("model", "optimizer", "step", "epoch", "step_in_epoch", "rng", "config", "git"):
+        assert key in state
+    assert any(k.startswith("target.backbone.") for k in state["model"])
+    assert state["config"]["train"]["max_steps"] == 7
+
+
+def test_corrupt_newest_checkpoint_falls_back(demo_json, tmp_path):
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4", "train.ckpt_every=2"))
+    newest = list_checkpoints(tmp_path)[-1]
+    assert newest.name == "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated by a crash
+    with pytest.warns(UserWarning, match=r"step_00000004.pt: cannot be read"):
+        state, path = load_latest(tmp_path)
+    assert path.name == "step_00000002.pt" and state["step"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=5", "train.resume=auto"))
+    assert result["step"] == 5
+
+
+def test_resume_rejects_a_foreign_file(demo_json, tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    with pytest.raises(RuntimeError, match=r"bogus.pt: not a fastemd training checkpoint"):
+        train(tiny_cfg(demo_json, tmp_path / "run", "train.max_steps=2", f"train.resume={bogus}"))
+
+
+def test_nonfinite_loss_is_skipped_and_counted(demo_json, tmp_path, monkeypatch):
+    from fastemd.model import SelfEMD
+    from fastemd.optim import LARS
+
+    calls = {"forward": 0, "step": 0, "ema": 0}
+    forward, step, ema = SelfEMD.forward, LARS.step, SelfEMD.update_target
+
+    def bad_forward(self, v1, v2):
+        calls["forward"] += 1
+        out = forward(self, v1, v2)
+        if calls["forward"] == 3:  # poison step 3
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    def counting_step(self, *a, **k):
+        calls["step"] += 1
+        return step(self, *a, **k)
+
+    def counting_ema(self, tau):
+        calls["ema"] += 1
+        return ema(self, tau)
+
+    monkeypatch.setattr(SelfEMD, "forward", bad_forward)
+    monkeypatch.setattr(LARS, "step", counting_step)
+    monkeypatch.setattr(SelfEMD, "update_target", counting_ema)
+    result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=5"))
+    assert result["skipped_steps"] == 1 and result["step"] == 5
+    assert calls["step"] == 4 and calls["ema"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_steps"] == 1
+    for key, value in load_checkpoint(list_checkpoints(tmp_path)[-1])["model"].items():
+        assert torch.isfinite(value.float()).all(), key
+
+
+def test_nonfinite_in_a_row_stops_keeping_last_checkpoint(demo_json, tmp_path, monkeypatch):
+    from fastemd.model import SelfEMD
+
+    forward = SelfEMD.forward
+    count = {"n": 0}
+
+    def bad_after_two(self, v1, v2):
+        count["n"] += 1
+        out = forward(self, v1, v2)
+        if count["n"] > 2:
+            out["loss"] = out["loss"] + float("inf")
+        return out
+
+    monkeypatch.setattr(SelfEMD, "forward", bad_after_two)
+    # steps 3, 4, 5 are bad; step 2 and step 4 (the epoch end) were checkpointed before the stop
+    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row \(step 5\).*Last good checkpoint: .*step_00000004.pt"):
+        train(tiny_cfg(demo_json, tmp_path, "train.max_steps=10", "train.ckpt_every=2", "train.max_bad_steps=3"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000004.pt"]
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert state["skipped_steps"] == 2
+    for key, value in state["model"].items():  # skipped steps left the weights untouched
+        assert torch.isfinite(value.float()).all(), key
+
+
+def test_too_small_dataset_is_a_clear_error(demo_json, tmp_path):
+    with pytest.raises(Exception, match=r"32 images"):
+        train(tiny_cfg(demo_json, tmp_path, "data.batch_size=64"))
+
+
+def test_sigterm_saves_a_loadable_checkpoint(demo_json, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", *[f"--{o}" for o in TINY],
+           f"--data.sources={demo_json}", f"--train.out_dir={out}", "--train.max_steps=500"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output
+    state = load_checkpoint(list_checkpoints(out)[-1])
+    assert 2 <= state["step"] < 500
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_DDP_SCRIPT = """
+import os, sys, torch
+import fastemd.pipelines as pipelines
+from fastemd.config import resolve
+from fastemd.pipelines import epoch_shard
+from fastemd.train import train
+
+overrides, result_dir = sys.argv[1:-1], sys.argv[-1]
+seen = {}
+build = pipelines.build_two_view_loader
+
+def recording_build(files, **kw):  # what this rank was asked to read in epoch 0
+    seen.update(rank=kw["rank"], world_size=kw["world_size"], shard=epoch_shard(
+        len(files), kw["batch_size"], kw["rank"], kw["world_size"], kw["seed"], 0, kw["drop_last"]).tolist())
+    return build(files, **kw)
+
+pipelines.build_two_view_loader = recording_build
+result = train(resolve("demo", None, overrides))
+params = {k: v.detach() for k, v in result["model"].named_parameters()}  # buffers: per-rank BN statistics
+torch.save({"model": result["model"].state_dict(), "params": params, **seen}, f"{result_dir}/rank{os.environ['RANK']}.pt")
+"""
+
+
+def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
+    """Two gloo ranks under torchrun (env://), as users launch it."""
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(_DDP_SCRIPT)
+    overrides = [*TINY, f"data.sources={demo_json}", f"train.out_dir={tmp_path / 'run'}",
+                 "train.max_steps=3", "data.batch_size=4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           str(script), *overrides, str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
+    a, b = set(sum(r0["shard"], [])), set(sum(r1["shard"], []))
+    assert len(a) == len(b) == 16 and not a & b and a | b == set(range(32))  # each rank its own half
+    # Parameters (online, predictors, and the EMA target) agree to the bit. BatchNorm running
+    # statistics are each rank's own on CPU (plain BN; SyncBatchNorm on CUDA shares them).
+    assert r0["params"].keys() == r1["params"].keys() and len(r0["params"]) > 100
+    for key in r0["params"]:
+        assert torch.equal(r0["params"][key], r1["params"][key]), key
+    # the ranks trained (LARS moved the weights) rather than sitting at the shared initial weights
+    from fastemd.model import SelfEMD
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(demo_json, tmp_path)
+    fresh = SelfEMD(cfg.model, cfg.loss).state_dict()
+    assert not torch.equal(fresh["online.backbone.conv1.weight"], r0["model"]["online.backbone.conv1.weight"])
+    assert len(list_checkpoints(tmp_path / "run")) == 1  # rank 0 alone writes
+    assert proc.stdout.count("fastemd: finished") == 1  # rank 0 alone prints
+
+
+def test_compiled_step_traces_with_aot_eager(demo_json, tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=2", "train.compile=on",
+                            "train.compile_backend=aot_eager"))
+    assert result["step"] == 2 and all(v == v for v in losses(tmp_path).values())
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the EMD op is one node
+
+
+@pytest.mark.slow
+def test_compiled_step_inductor(demo_json, tmp_path):
+    """A real inductor compile of the training step (60-100 s cold on CPU)."""
+    eager = train(tiny_cfg(demo_json, tmp_path / "eager", "train.max_steps=3"))
+    compiled = train(tiny_cfg(demo_json, tmp_path / "compiled", "train.max_steps=3", "train.compile=on"))
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager["step"] == compiled["step"] == 3
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-3)
