@@ -19,6 +19,7 @@ import argparse
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = export_checkpoint(args.checkpoint, args.output, args.format, args.network)
     except (CheckpointError, ValueError) as e:
-        print(f"fastemd export: error: {e}")
+        print(f"fastemd export: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {info['tensors']} tensors of the {info['network']} {info['arch']} backbone "
           f"(step {info['step']}) to {info['output']} ({info['format']})")

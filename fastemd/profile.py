@@ -1,0 +1,322 @@
+"""`fastemd profile step|e2e`: where every millisecond of a training step goes.
+
+A trimmed copy of the real step (nanoGPT's bench.py): online and target forward, loss,
+backward, LARS, EMA; burn-in steps, then a timed window between two synchronisations.
+
+- `step`: synthetic views already on the device. It runs the optimisation ladder in one
+  process on the same card, each rung adding one thing to the one before:
+      eager fp32 NCHW -> + channels_last -> + AMP (bf16) -> + torch.compile -> + Triton EMD
+  and reports images/s (an image = one pair of views), ms/step, its ratio to the first rung,
+  peak memory and MFU. A phase split (forward / backward / optimizer+EMA, from CUDA events
+  or host timers on CPU) is measured on the last rung. `--sweep` doubles the batch until it
+  no longer fits (CUDA) and reports the largest that does.
+- `e2e`: the real data pipeline (DALI when installed, else the reference loader, said so)
+  feeding the last rung's step; data-wait % of step time.
+
+On a CPU the ladder stops at channels_last (bf16 autocast on a CPU is not a speed-up and a
+cold compile costs minutes) unless `--rungs` asks for more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+RUNGS = ("fp32", "channels_last", "amp", "compile", "triton")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--preset", default="bench", help="config preset (default: bench = ResNet-50, 224/224)")
+    parser.add_argument("--batch", type=int, default=None, help="per-device batch (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per rung (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--rungs", default=None,
+                        help=f"comma list of {','.join(RUNGS)} (default: all on CUDA, fp32,channels_last on CPU)")
+    parser.add_argument("--sweep", action="store_true", help="find the largest batch that fits (CUDA)")
+    parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of the last rung to DIR")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the ladder and the phase split (needs matplotlib)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. model.arch=resnet18 data.view2_size=160")
+
+
+def _config(args):
+    from fastemd.config import resolve
+
+    cfg = resolve(args.preset, None, list(args.overrides))
+    if args.batch:
+        cfg.data.batch_size = args.batch
+    return cfg
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Step:
+    """One training step of `SelfEMD` with the given features switched on."""
+
+    def __init__(self, cfg, device, channels_last: bool, amp: bool, compile: bool, impl: str):
+        from fastemd.model import SelfEMD
+        from fastemd.optim import build_optimizer
+
+        cfg.loss.impl = impl
+        torch.manual_seed(0)
+        self.device = device
+        self.format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = SelfEMD(cfg.model, cfg.loss).to(device, memory_format=self.format)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.01
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.amp = amp
+
+    def views(self, batch, sizes):
+        v1 = torch.randn(batch, 3, sizes[0], sizes[0], device=self.device).to(memory_format=self.format)
+        v2 = torch.randn(batch, 3, sizes[1], sizes[1], device=self.device).to(memory_format=self.format)
+        return v1, v2
+
+    def __call__(self, v1, v2, marks=None):
+        mark = marks or (lambda name: None)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.forward(v1, v2)
+        mark("forward")
+        out["loss"].backward()
+        mark("backward")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_target(0.996)
+        mark("optimizer+ema")
+        return out["loss"]
+
+
+def _time_steps(step: Step, v1, v2, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step(v1, v2)
+    _sync(step.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(v1, v2)
+    _sync(step.device)
+    return (time.perf_counter() - start) / steps
+
+
+def _phases(step: Step, v1, v2, steps: int) -> dict[str, float]:
+    """ms per phase, averaged over `steps` steps (CUDA events, or synchronised host timers on CPU)."""
+    totals: dict[str, float] = {}
+    for _ in range(steps):
+        if step.device.type == "cuda":
+            events = [("start", torch.cuda.Event(enable_timing=True))]
+            events[0][1].record()
+
+            def mark(name):
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                events.append((name, event))
+
+            step(v1, v2, mark)
+            torch.cuda.synchronize(step.device)
+            for (_, a), (name, b) in zip(events, events[1:]):
+                totals[name] = totals.get(name, 0.0) + a.elapsed_time(b)
+        else:
+            last = [time.perf_counter()]
+
+            def mark(name):
+                now = time.perf_counter()
+                totals[name] = totals.get(name, 0.0) + 1000 * (now - last[0])
+                last[0] = now
+
+            step(v1, v2, mark)
+    return {k: v / steps for k, v in totals.items()}
+
+
+def _rung_settings(rung_list, rung):
+    upto = rung_list[: rung_list.index(rung) + 1]
+    return dict(channels_last="channels_last" in upto, amp="amp" in upto, compile="compile" in upto,
+                impl="triton" if "triton" in upto else "torch")
+
+
+def profile_step(args) -> dict:
+    from fastemd.flops import flops_per_pair, peak_flops
+
+    cfg = _config(args)
+    device = torch.device(args.device)
+    default = RUNGS if device.type == "cuda" else ("fp32", "channels_last")
+    rung_list = tuple(args.rungs.split(",")) if args.rungs else default
+    for r in rung_list:
+        if r not in RUNGS:
+            raise SystemExit(f"fastemd profile step: unknown rung {r!r}; rungs: {', '.join(RUNGS)}")
+    sizes = (cfg.data.view1_size, cfg.data.view2_size)
+    batch = cfg.data.batch_size
+    pair_flops = flops_per_pair(cfg.model, cfg.loss, sizes)
+    peak = peak_flops(device)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "arch": cfg.model.arch, "width": cfg.model.width, "views": list(sizes), "batch": batch,
+              "gflops_per_pair": pair_flops / 1e9, "torch": torch.__version__, "rungs": []}
+    step = None
+    for rung in rung_list:
+        step = Step(cfg, device, **_rung_settings(rung_list, rung))
+        v1, v2 = step.views(batch, sizes)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sec = _time_steps(step, v1, v2, args.warmup, args.steps)
+        images_per_s = batch / sec
+        result["rungs"].append({
+            "rung": rung, "ms_per_step": 1000 * sec, "images_per_s": images_per_s,
+            "speedup": None, "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+            "mfu": pair_flops * images_per_s / peak if peak else None,
+        })
+    base = result["rungs"][0]["images_per_s"]
+    for r in result["rungs"]:
+        r["speedup"] = r["images_per_s"] / base
+    result["phases_ms"] = _phases(step, v1, v2, max(3, args.steps // 4))
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step(v1, v2)
+            _sync(device)
+        path = f"{args.trace.rstrip('/')}/step_trace.json"
+        os.makedirs(args.trace, exist_ok=True)
+        prof.export_chrome_trace(path)
+        result["trace"] = path
+    if args.sweep and device.type == "cuda":
+        result["sweep"] = _sweep(cfg, device, rung_list, sizes, batch)
+    return result
+
+
+def _sweep(cfg, device, rung_list, sizes, batch) -> dict:
+    """Double the batch until the last rung runs out of memory; the largest that ran and its rate."""
+    fits, rates = None, {}
+    b = batch
+    while b <= 16 * batch:
+        try:
+            step = Step(cfg, device, **_rung_settings(rung_list, rung_list[-1]))
+            v1, v2 = step.views(b, sizes)
+            torch.cuda.reset_peak_memory_stats(device)
+            sec = _time_steps(step, v1, v2, 2, 3)
+            rates[b] = {"images_per_s": b / sec, "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+            fits = b
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            step = v1 = v2 = None
+            torch.cuda.empty_cache()
+        b *= 2
+    return {"largest_batch": fits, "by_batch": rates}
+
+
+def profile_e2e(args) -> dict:
+    from fastemd.train import choose_loader
+    from fastemd.pipelines import build_two_view_loader, resolve_sources
+
+    cfg = _config(args)
+    device = torch.device(args.device)
+    sources = cfg.data.sources
+    if not sources:  # the bench preset names no dataset: measure on the demo one
+        from fastemd.demo_data import ensure_demo_data
+
+        sources = [str(ensure_demo_data())]
+    files = resolve_sources(sources)
+    kind = choose_loader(cfg.data.loader)
+    loader = build_two_view_loader(
+        files, kind=kind, batch_size=cfg.data.batch_size, view_sizes=(cfg.data.view1_size, cfg.data.view2_size),
+        device=device.type, workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
+    )
+    rung_list = tuple(args.rungs.split(",")) if args.rungs else (RUNGS if device.type == "cuda" else ("fp32",))
+    step = Step(cfg, device, **_rung_settings(rung_list, rung_list[-1]))
+
+    def batches():  # epochs back to back, as long as the measurement needs
+        epoch = 0
+        while True:
+            yield from loader.epoch(epoch)
+            epoch += 1
+
+    stream = batches()
+    wait, start = 0.0, time.perf_counter()
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:  # burn-in done: open the timed window
+            _sync(device)
+            wait, start = 0.0, time.perf_counter()
+        t0 = time.perf_counter()
+        v1, v2 = next(stream)  # host time blocked on the loader = data wait
+        wait += time.perf_counter() - t0
+        step(v1.to(device, memory_format=step.format, non_blocking=True),
+             v2.to(device, memory_format=step.format, non_blocking=True))
+    _sync(device)
+    total = time.perf_counter() - start
+    stream.close()
+    return {"loader": kind, "loader_note": "" if kind == "dali" else "DALI not installed: the reference loader",
+            "images": len(files), "batch": cfg.data.batch_size, "ms_per_step": 1000 * total / args.steps,
+            "images_per_s": cfg.data.batch_size * args.steps / total, "data_wait_pct": 100 * wait / total}
+
+
+def _print_step(result):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"training step: {result['arch']} w{result['width']}, views {result['views']}, "
+                        f"batch {result['batch']} on {result['device']}")
+    for col in ("rung", "ms/step", "img/s", "x fp32", "peak mem", "MFU"):
+        table.add_column(col, justify="right")
+    for r in result["rungs"]:
+        table.add_row("+ " + r["rung"] if r is not result["rungs"][0] else r["rung"], f"{r['ms_per_step']:.1f}",
+                      f"{r['images_per_s']:,.1f}", f"{r['speedup']:.2f}",
+                      "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f} GB",
+                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%")
+    console.print(table)
+    phases = " | ".join(f"{k} {v:.1f} ms" for k, v in result["phases_ms"].items())
+    console.print(f"phase split (last rung): {phases}; {result['gflops_per_pair']:.1f} GFLOP per pair")
+    if "sweep" in result:
+        console.print(f"largest batch that fits: {result['sweep']['largest_batch']}")
+
+
+def _plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["rung"] for r in result["rungs"]]
+    a.bar(names, [r["images_per_s"] for r in result["rungs"]])
+    a.set_ylabel("images/s")
+    a.set_title("optimisation ladder")
+    phases = result["phases_ms"]
+    b.barh(list(phases), list(phases.values()))
+    b.set_xlabel("ms per step")
+    b.set_title("phase split (last rung)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastemd profile: --device cuda but no CUDA device is available")
+    if args.what == "step":
+        result = profile_step(args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            _print_step(result)
+        if args.plot:
+            _plot(result, args.plot)
+    else:
+        result = profile_e2e(args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            note = f" ({result['loader_note']})" if result["loader_note"] else ""
+            print(f"e2e: loader {result['loader']}{note}, batch {result['batch']}: {result['ms_per_step']:.1f} ms/step, "
+                  f"{result['images_per_s']:,.1f} img/s, data wait {result['data_wait_pct']:.1f}% of step time")
+    return 0

@@ -1,0 +1,161 @@
+"""Sources -> one list of image paths, and that list -> what each DDP rank reads in an epoch.
+
+A source is one of:
+- a COCO json (``instances_train2017.json``, ``image_info_unlabeled2017.json``, ...): only the
+  ``images`` list is read (through pycocotools); annotations may be absent. The image folder is
+  ``<json dir>/../<split>`` or ``<json dir>/<split>``, the split (``train2017``) taken from the
+  json's file name; write ``ANN.json::IMAGE_DIR`` to name the folder explicitly.
+- a folder: every ``.jpg``, ``.jpeg`` and ``.png`` under it, recursively, sorted.
+- a manifest (any other file, e.g. the one ``fastemd check-data`` writes): one path a line,
+  ``#`` starts a comment, relative paths are relative to the manifest's folder.
+Several sources are concatenated in the order given (COCO+ = train2017 + unlabeled2017).
+
+Epoch plan (shared by the DALI pipeline and the reference loader, so both give the same
+``steps_per_epoch`` and shards): the files are permuted by a generator seeded with
+``(seed, epoch)``, identical on every rank, then cut into global batches of
+``batch_size * world_size``; rank r takes the r-th block of ``batch_size`` of every global batch.
+- ``drop_last=True``: ``steps = N // (batch_size * world_size)``; the last ``N mod (B * W)``
+  files of the permutation are not used that epoch (a different few every epoch).
+- ``drop_last=False``: ``steps = ceil(N / (B * W))``; the permutation is padded with its own
+  first files, so those few images are seen twice that epoch.
+Either way every image appears at most once per epoch except the pad, and every rank runs the
+same number of steps, so DDP never waits on a rank that ran out of data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class DataError(ValueError):
+    """A source that cannot be read: the message names the path and what was expected."""
+
+
+def resolve_sources(sources: list[str] | str) -> list[str]:
+    """Absolute image paths of all sources, concatenated in order."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise DataError("no data sources given: expected COCO json files, image folders or manifests")
+    files: list[str] = []
+    for source in sources:
+        source = str(source)
+        json_path, _, image_dir = source.partition("::")
+        path = Path(json_path).expanduser()
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder (expected a COCO json, an image folder or a manifest)")
+        if path.is_dir():
+            found = _folder_images(path)
+        elif path.suffix.lower() == ".json":
+            found = _coco_images(path, Path(image_dir).expanduser() if image_dir else None)
+        else:
+            found = _manifest_images(path)
+        if not found:
+            raise DataError(f"{path}: no images found (expected at least one .jpg, .jpeg or .png)")
+        files.extend(found)
+    return files
+
+
+def _folder_images(folder: Path) -> list[str]:
+    return sorted(
+        str(p.resolve())
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+def _coco_images(json_path: Path, image_dir: Path | None) -> list[str]:
+    from pycocotools.coco import COCO
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            coco = COCO(str(json_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{json_path}: not valid json ({e}); expected a COCO json with an 'images' list") from None
+    except Exception as e:  # pycocotools asserts the top level is a dict
+        raise DataError(f"{json_path}: not a COCO json ({type(e).__name__}: {e}); expected an 'images' list") from None
+    if not isinstance(coco.dataset.get("images"), list):
+        raise DataError(f"{json_path}: no 'images' list; expected a COCO json (annotations are optional)")
+    images = [coco.imgs[i] for i in sorted(coco.getImgIds())]  # by id: independent of json order
+    if any("file_name" not in im for im in images):
+        raise DataError(f"{json_path}: an entry of 'images' has no 'file_name'; expected COCO image records")
+    root = image_dir if image_dir is not None else _coco_image_dir(json_path)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder of {json_path} not found (write ANN.json::IMAGE_DIR to name it)")
+    return [str((root / im["file_name"]).resolve()) for im in images]
+
+
+def _coco_image_dir(json_path: Path) -> Path:
+    """COCO's layout: annotations/instances_train2017.json beside train2017/."""
+    splits = re.findall(r"(?:train|val|test|unlabeled)\d{4}", json_path.stem)
+    if not splits:
+        raise DataError(
+            f"{json_path}: cannot infer the image folder from the file name "
+            "(expected e.g. instances_train2017.json); write ANN.json::IMAGE_DIR"
+        )
+    candidates = [json_path.parent.parent / splits[-1], json_path.parent / splits[-1]]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def _manifest_images(manifest: Path) -> list[str]:
+    try:
+        text = manifest.read_text()
+    except UnicodeDecodeError:
+        raise DataError(f"{manifest}: not a text file; expected a manifest (one image path a line)") from None
+    files = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            files.append(str((manifest.parent / line).resolve()))
+    return files
+
+
+# Epoch plan ----------------------------------------------------------------------------------
+
+
+def steps_per_epoch(num_files: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    global_batch = batch_size * world_size
+    steps = num_files // global_batch if drop_last else math.ceil(num_files / global_batch)
+    if steps == 0:
+        raise DataError(
+            f"{num_files} images is less than one global batch ({batch_size} x {world_size} ranks) "
+            "with drop_last=True; expected more images or a smaller batch"
+        )
+    return steps
+
+
+def epoch_shard(
+    num_files: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, drop_last: bool
+) -> np.ndarray:
+    """File indices this rank reads in `epoch`: (steps, batch_size), identical plan on every rank."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    steps = steps_per_epoch(num_files, batch_size, world_size, drop_last)
+    order = np.random.default_rng([seed, epoch]).permutation(num_files)
+    need = steps * batch_size * world_size
+    order = np.resize(order, need)  # drop_last: truncates; otherwise pads with the first files
+    return order.reshape(steps, world_size, batch_size)[:, rank, :]
+
+
+def derived_seed(*values: int) -> int:
+    """A 31-bit seed from several integers (DALI wants a non-negative int32)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class BadImageError(RuntimeError):
+    """An image that failed to decode during training (on_bad_file="stop")."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason} (run `fastemd check-data` and train from its manifest)")
+        self.path = path
+        self.reason = reason

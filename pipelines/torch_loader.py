@@ -1,0 +1,235 @@
+"""The reference two-view loader: a torch DataLoader, PIL decoding, BYOL's recipe in numpy.
+
+It is the fallback where DALI is absent (macOS, ARM, GPU machines without DALI) and the
+baseline of every data benchmark. It defines the recipe (`ViewRecipe`, `byol_recipes`) and
+draws every random parameter in `sample_view_params`; the DALI pipeline draws the same
+parameters from the same distributions with DALI's own random operators (tests compare them).
+
+The colour operators reproduce DALI's `color_twist` exactly (measured against it): hue and
+saturation act in YIQ space, then `out = brightness * ((x - 128) * contrast + 128)`; grayscale is
+saturation 0 (Y = 0.299 R + 0.587 G + 0.114 B). Brightness, contrast, saturation and hue factors
+are drawn as torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1) draws them, applied in that fixed
+order (torchvision shuffles the order; DALI fuses all four into one matrix).
+
+Determinism: the parameters of the sample in slot j of step s are drawn from a generator seeded
+with (seed, epoch, rank, s, j), so a run resumed at `start_step` reproduces exactly the views an
+uninterrupted run would have produced, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from .sources import BadImageError, epoch_shard, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet, in [0, 1] units
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """One view of SPEC section 3 (BYOL's asymmetric augmentation)."""
+
+    size: int
+    blur_p: float
+    solarize_p: float
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4  # factor U(1 - 0.4, 1 + 0.4)
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1  # fraction of the colour circle: +-36 degrees
+    gray_p: float = 0.2
+    sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_threshold: int = 128
+
+
+def byol_recipes(view_sizes=(224, 224), crop_scale_min: float = 0.08) -> tuple[ViewRecipe, ViewRecipe]:
+    scale = (crop_scale_min, 1.0)
+    return (
+        ViewRecipe(size=view_sizes[0], blur_p=1.0, solarize_p=0.0, crop_scale=scale),
+        ViewRecipe(size=view_sizes[1], blur_p=0.1, solarize_p=0.2, crop_scale=scale),
+    )
+
+
+def sample_crop(rng: np.random.Generator, recipe: ViewRecipe, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w): torchvision's RandomResizedCrop sampler (DALI's random_crop_generator
+    draws the same way: area fraction uniform, aspect ratio log-uniform, 10 tries, then centre)."""
+    area = height * width
+    log_ratio = (math.log(recipe.crop_ratio[0]), math.log(recipe.crop_ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*recipe.crop_scale)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * ratio))
+        h = round(math.sqrt(target_area / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < recipe.crop_ratio[0]:
+        w, h = width, round(width / recipe.crop_ratio[0])
+    elif in_ratio > recipe.crop_ratio[1]:
+        w, h = round(height * recipe.crop_ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_view_params(rng: np.random.Generator, recipe: ViewRecipe, height: int, width: int) -> dict:
+    """Every random choice of one view. Factors are drawn even when their op is off, as DALI does."""
+    return {
+        "crop": sample_crop(rng, recipe, height, width),
+        "flip": bool(rng.random() < recipe.flip_p),
+        "jitter": bool(rng.random() < recipe.jitter_p),
+        "brightness": rng.uniform(1 - recipe.brightness, 1 + recipe.brightness),
+        "contrast": rng.uniform(1 - recipe.contrast, 1 + recipe.contrast),
+        "saturation": rng.uniform(1 - recipe.saturation, 1 + recipe.saturation),
+        "hue_degrees": rng.uniform(-recipe.hue, recipe.hue) * 360.0,
+        "gray": bool(rng.random() < recipe.gray_p),
+        "blur": bool(rng.random() < recipe.blur_p),
+        "sigma": rng.uniform(*recipe.sigma),
+        "solarize": bool(rng.random() < recipe.solarize_p),
+    }
+
+
+# Colour operators, as DALI's color_twist computes them ------------------------------------------
+
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def color_twist(x: np.ndarray, brightness=1.0, contrast=1.0, saturation=1.0, hue_degrees=0.0) -> np.ndarray:
+    """(H, W, 3) uint8 -> uint8, the same affine map as DALI's fn.color_twist."""
+    t = math.radians(hue_degrees)
+    rotate = np.array([[1, 0, 0], [0, math.cos(t), math.sin(t)], [0, -math.sin(t), math.cos(t)]])
+    matrix = _YIQ_TO_RGB @ np.diag([1.0, saturation, saturation]) @ rotate @ _RGB_TO_YIQ
+    # brightness * ((M x - 128) * contrast + 128), folded into one matrix and one offset
+    matrix = (brightness * contrast) * matrix
+    offset = brightness * 128.0 * (1.0 - contrast)
+    y = x.astype(np.float32) @ matrix.T.astype(np.float32) + np.float32(offset)
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
+_SOLARIZE = np.array([v if v < 128 else 255 - v for v in range(256)], dtype=np.uint8)
+
+
+def augment_view(image: Image.Image, params: dict, recipe: ViewRecipe) -> np.ndarray:
+    """One view, (S, S, 3) uint8, in SPEC order: crop, flip, jitter, grayscale, blur, solarize."""
+    top, left, h, w = params["crop"]
+    view = image.resize((recipe.size, recipe.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    x = np.asarray(view)
+    if params["flip"]:
+        x = x[:, ::-1]
+    if params["jitter"]:
+        x = color_twist(x, params["brightness"], params["contrast"], params["saturation"], params["hue_degrees"])
+    if params["gray"]:
+        x = color_twist(x, saturation=0.0)
+    if params["blur"]:
+        x = np.asarray(Image.fromarray(np.ascontiguousarray(x)).filter(ImageFilter.GaussianBlur(params["sigma"])))
+    if params["solarize"]:
+        x = _SOLARIZE[x]
+    return np.array(x, copy=True) if not x.flags.writeable else np.ascontiguousarray(x)
+
+
+def decode_rgb(path: str) -> Image.Image:
+    """PIL decode with the conventions of DALI's decoder: EXIF orientation applied, RGB out,
+    16-bit scaled to 8 bits (PIL's own convert would clip), alpha dropped."""
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+# The loader -----------------------------------------------------------------------------------
+
+
+class _TwoViewDataset(torch.utils.data.Dataset):
+    """Indexed by (file index, epoch, step, slot): the key carries the seed of its parameters."""
+
+    def __init__(self, files: list[str], recipes: tuple[ViewRecipe, ViewRecipe], seed: int, rank: int):
+        self.files, self.recipes, self.seed, self.rank = files, recipes, seed, rank
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, key):
+        index, epoch, step, slot = key
+        path = self.files[index]
+        try:
+            image = decode_rgb(path)
+        except Exception as e:  # any decode failure becomes a named, recoverable record
+            return (path, f"{type(e).__name__}: {e}")
+        rng = np.random.default_rng([self.seed, epoch, self.rank, step, slot])
+        return tuple(
+            torch.from_numpy(augment_view(image, sample_view_params(rng, r, image.height, image.width), r))
+            for r in self.recipes
+        )
+
+
+def _collate(samples):
+    """Stack uint8 views; a failed sample is replaced by a good one of the same batch."""
+    failures = [s for s in samples if isinstance(s[0], str)]
+    good = [s for s in samples if not isinstance(s[0], str)]
+    if not good:
+        return None, None, failures
+    good = good + [good[i % len(good)] for i in range(len(failures))]
+    return torch.stack([s[0] for s in good]), torch.stack([s[1] for s in good]), failures
+
+
+class TorchTwoViewLoader:
+    """Reference loader with the interface of `build_two_view_loader`."""
+
+    def __init__(
+        self, files, *, batch_size, view_sizes=(224, 224), crop_scale_min=0.08, rank=0, world_size=1,
+        seed=0, device="cpu", workers=4, on_bad_file="skip", drop_last=True, dtype=torch.float32,
+    ):
+        self.files = list(files)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.drop_last, self.workers = seed, drop_last, workers
+        self.device, self.dtype, self.on_bad_file = torch.device(device), dtype, on_bad_file
+        self.recipes = byol_recipes(view_sizes, crop_scale_min)
+        self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
+        self.skipped_files = 0
+        self._dataset = _TwoViewDataset(self.files, self.recipes, seed, rank)
+        self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def shard(self, epoch: int) -> np.ndarray:
+        return epoch_shard(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, epoch, self.drop_last)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        shard = self.shard(epoch)
+        batches = [
+            [(int(index), epoch, step, slot) for slot, index in enumerate(shard[step])]
+            for step in range(start_step, len(shard))
+        ]
+        loader = torch.utils.data.DataLoader(
+            self._dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
+        )
+        for v1, v2, failures in loader:
+            for path, reason in failures:
+                if self.on_bad_file == "stop":
+                    raise BadImageError(path, reason)
+                log.warning("skipped %s: %s (replaced by another image of its batch)", path, reason)
+                self.skipped_files += 1
+            if v1 is None:
+                raise BadImageError(failures[0][0], "every image of the batch failed to decode")
+            yield self._finish(v1), self._finish(v2)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        # uint8 crosses to the device (4x fewer bytes than float), normalised there. (B, S, S, 3)
+        # permuted to (B, 3, S, S) is channels_last memory without a copy; ops below keep it.
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return ((x.float() - self._mean) / self._std).to(self.dtype)

@@ -1,0 +1,131 @@
+"""Export to torchvision and detectron2: names, shapes, every tensor round-trips, both networks."""
+
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fastemd.checkpoint import CheckpointError, save_checkpoint
+from fastemd.cli import main
+from fastemd.config import resolve
+from fastemd.export import backbone_state_dict, detectron2_name, export_checkpoint, to_detectron2
+from fastemd.model import SelfEMD
+
+SMALL_HEADS = ["model.proj_hidden=32", "model.proj_dim=16", "model.pred_hidden=32"]
+
+
+def make_checkpoint(tmp_path, *overrides):
+    cfg = resolve("demo", None, [*SMALL_HEADS, *overrides])
+    model = SelfEMD(cfg.model, cfg.loss)
+    with torch.no_grad():  # make online and target differ, as after training
+        for p in model.target.parameters():
+            p.add_(1.0)
+    state = {"model": model.state_dict(), "optimizer": {}, "step": 7, "config": cfg.to_dict()}
+    return save_checkpoint(state, tmp_path, 7, keep_last=1), model
+
+
+def expected_detectron2_r50_names():
+    """detectron2's ResNet-50 names, written from its naming scheme (stem, res2..res5)."""
+    names = ["stem.conv1.weight"] + [f"stem.conv1.norm.{s}" for s in ("weight", "bias", "running_mean", "running_var")]
+    for stage, blocks in zip(range(2, 6), (3, 4, 6, 3)):
+        for b in range(blocks):
+            convs = [f"conv{k}" for k in (1, 2, 3)] + (["shortcut"] if b == 0 else [])
+            for conv in convs:
+                names.append(f"res{stage}.{b}.{conv}.weight")
+                names += [f"res{stage}.{b}.{conv}.norm.{s}" for s in ("weight", "bias", "running_mean", "running_var")]
+    return names
+
+
+def test_resnet50_detectron2_names_and_shapes():
+    cfg = resolve("coco_800ep", None, SMALL_HEADS)
+    model = SelfEMD(cfg.model, cfg.loss)
+    backbone = backbone_state_dict({"model": model.state_dict()})
+    d2 = to_detectron2(backbone)
+    assert d2["__author__"] == "fastemd" and d2["matching_heuristics"] is True
+    assert sorted(d2["model"]) == sorted(expected_detectron2_r50_names())
+    assert len(d2["model"]) == 53 * 5  # 53 convs, each with a weight and 4 BN tensors; no num_batches_tracked
+    shapes = {k: v.shape for k, v in d2["model"].items()}
+    assert shapes["stem.conv1.weight"] == (64, 3, 7, 7)
+    assert shapes["res2.0.conv1.weight"] == (64, 64, 1, 1)
+    assert shapes["res2.0.shortcut.weight"] == (256, 64, 1, 1)
+    assert shapes["res3.0.conv2.weight"] == (128, 128, 3, 3)  # stride in the 3x3: STRIDE_IN_1X1 False
+    assert shapes["res5.2.conv3.norm.running_var"] == (2048,)
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in d2["model"].values())
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("conv1.weight", "stem.conv1.weight"),
+    ("bn1.running_mean", "stem.conv1.norm.running_mean"),
+    ("layer1.0.bn3.weight", "res2.0.conv3.norm.weight"),
+    ("layer4.2.conv2.weight", "res5.2.conv2.weight"),
+    ("layer2.0.downsample.0.weight", "res3.0.shortcut.weight"),
+    ("layer3.0.downsample.1.bias", "res4.0.shortcut.norm.bias"),
+    ("layer1.0.bn1.num_batches_tracked", None),
+])
+def test_detectron2_name_rules(name, expected):
+    assert detectron2_name(name) == expected
+
+
+@pytest.mark.parametrize("network", ["online", "target"])
+def test_round_trip_every_tensor_both_formats(tmp_path, network):
+    path, model = make_checkpoint(tmp_path, "model.arch=resnet50", "model.width=8")
+    source = getattr(model, network).backbone.state_dict()
+
+    tv = tmp_path / "tv.pth"
+    export_checkpoint(path, tv, fmt="torchvision", network=network)
+    loaded = torch.load(tv, weights_only=True)
+    assert loaded.keys() == source.keys()  # torchvision's resnet50 keys minus fc.*
+    assert not any(k.startswith("fc.") for k in loaded)
+    for k in source:
+        assert torch.equal(loaded[k], source[k]), k
+
+    d2 = tmp_path / "d2.pkl"
+    export_checkpoint(path, d2, fmt="detectron2", network=network)
+    with open(d2, "rb") as f:
+        payload = pickle.load(f)
+    weights = payload["model"]
+    assert len(weights) == len([k for k in source if not k.endswith("num_batches_tracked")])
+    for k, v in source.items():
+        new = detectron2_name(k)
+        if new is not None:
+            np.testing.assert_array_equal(weights[new], v.numpy(), err_msg=k)
+    assert all(re.match(r"^(stem|res[2-5])\.", k) for k in weights)
+
+
+def test_online_and_target_differ(tmp_path):
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
+    export_checkpoint(path, tmp_path / "on.pth", network="online")
+    export_checkpoint(path, tmp_path / "tg.pth", network="target")
+    on, tg = torch.load(tmp_path / "on.pth"), torch.load(tmp_path / "tg.pth")
+    assert torch.equal(on["conv1.weight"] + 1, tg["conv1.weight"])
+
+
+def test_cli_prints_detectron2_config(tmp_path, capsys):
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18.pkl")]) == 0
+    out = capsys.readouterr().out
+    for line in ('FORMAT: "RGB"', "STRIDE_IN_1X1: False", "PIXEL_MEAN: [123.675, 116.280, 103.530]",
+                 "PIXEL_STD: [58.395, 57.120, 57.375]", "DEPTH: 18", "RES2_OUT_CHANNELS: 64"):
+        assert line in out
+    assert (tmp_path / "r18.pkl").is_file() and not (tmp_path / "r18.pkl.tmp").exists()
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"truncated.pt: cannot be read as a fastemd checkpoint"):
+        export_checkpoint(truncated, tmp_path / "x.pth")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, foreign)
+    with pytest.raises(CheckpointError, match=r"foreign.pt: not a fastemd training checkpoint \(missing model"):
+        export_checkpoint(foreign, tmp_path / "x.pth")
+    no_backbone = tmp_path / "nobb.pt"
+    torch.save({"model": {"x": torch.zeros(1)}, "optimizer": {}, "step": 0, "config": {}}, no_backbone)
+    with pytest.raises(CheckpointError, match=r"nobb.pt: holds no 'online.backbone.\*' weights"):
+        export_checkpoint(no_backbone, tmp_path / "x.pth")
+    assert main(["export", str(tmp_path / "missing.pt"), "--format", "torchvision", "--output", "x.pth"]) == 1
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()

@@ -1,0 +1,42 @@
+"""`fastemd profile step|e2e` on CPU with a tiny model: the ladder, the phase split, JSON output."""
+
+import json
+
+import pytest
+
+from fastemd.cli import main
+from fastemd.demo_data import make_demo_data
+
+TINY = ["model.arch=resnet18", "model.width=8", "model.proj_hidden=32", "model.proj_dim=16", "model.pred_hidden=32",
+        "data.view1_size=64", "data.view2_size=64"]
+
+
+def test_profile_step_ladder_json(capsys):
+    assert main(["profile", "step", "--device", "cpu", "--json", "--batch", "4", "--steps", "2", "--warmup", "1",
+                 "--rungs", "fp32,channels_last", *TINY]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["rung"] for r in result["rungs"]] == ["fp32", "channels_last"]
+    first = result["rungs"][0]
+    assert first["speedup"] == 1.0
+    assert first["images_per_s"] == pytest.approx(4 / (first["ms_per_step"] / 1000))
+    assert set(result["phases_ms"]) == {"forward", "backward", "optimizer+ema"}
+    assert all(v > 0 for v in result["phases_ms"].values())
+    assert result["gflops_per_pair"] > 0 and first["mfu"] is None  # no known peak for a CPU
+
+
+def test_profile_step_table_and_bad_rung(capsys):
+    assert main(["profile", "step", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--rungs", "fp32", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "training step: resnet18" in out and "phase split" in out
+    with pytest.raises(SystemExit, match="unknown rung 'fast'"):
+        main(["profile", "step", "--device", "cpu", "--rungs", "fp32,fast", *TINY])
+
+
+def test_profile_e2e_reports_data_wait(tmp_path, capsys):
+    demo = make_demo_data(tmp_path, num_images=8)
+    assert main(["profile", "e2e", "--device", "cpu", "--json", "--preset", "demo", "--batch", "4", "--steps", "2",
+                 "--warmup", "1", *TINY, "data.loader=torch", "data.workers=0", f"data.sources={demo}"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loader"] == "torch" and "reference loader" in result["loader_note"]
+    assert 0 <= result["data_wait_pct"] <= 100 and result["images_per_s"] > 0

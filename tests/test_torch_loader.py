@@ -1,0 +1,115 @@
+"""The reference loader: shapes, normalisation, determinism, exact resume, bad files, sampler."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastemd.pipelines import BadImageError, build_two_view_loader
+from fastemd.pipelines.torch_loader import MEAN, STD, byol_recipes, color_twist, sample_crop, sample_view_params
+
+
+def _dataset(tmp_path, n=12):
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(n):
+        y, x = np.mgrid[0:48 + i, 0:64]
+        smooth = np.stack([x * 4, y * 5, (x + y) * 2], -1) % 256
+        noise = rng.integers(0, 40, smooth.shape)
+        path = tmp_path / f"{i:03d}.jpg"
+        Image.fromarray((smooth + noise).clip(0, 255).astype(np.uint8)).save(path, quality=95)
+        files.append(str(path))
+    return files
+
+
+def _loader(files, **kw):
+    args = dict(kind="torch", batch_size=4, view_sizes=(32, 24), workers=0, seed=3)
+    args.update(kw)
+    return build_two_view_loader(files, **args)
+
+
+def test_shapes_dtype_layout_and_range(tmp_path):
+    loader = _loader(_dataset(tmp_path))
+    batches = list(loader.epoch(0))
+    assert len(batches) == loader.steps_per_epoch == 3
+    v1, v2 = batches[0]
+    assert v1.shape == (4, 3, 32, 32) and v2.shape == (4, 3, 24, 24)
+    assert v1.dtype == v2.dtype == torch.float32
+    assert v1.is_contiguous(memory_format=torch.channels_last)
+    low = min((0 - m) / s for m, s in zip(MEAN, STD))
+    high = max((1 - m) / s for m, s in zip(MEAN, STD))
+    for v in (v1, v2):
+        assert low - 1e-4 <= v.min() and v.max() <= high + 1e-4
+    # the two views of an image differ (different crops and colours)
+    assert (v1[:, :, :24, :24] - v2).abs().mean() > 0.1
+
+
+def test_same_seed_same_views_and_exact_resume(tmp_path):
+    files = _dataset(tmp_path)
+    full = list(_loader(files).epoch(2))
+    again = list(_loader(files, workers=2).epoch(2))  # worker count does not matter
+    resumed = list(_loader(files).epoch(2, start_step=1))
+    other_seed = list(_loader(files, seed=4).epoch(2))
+    for (a1, a2), (b1, b2) in zip(full, again):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert len(resumed) == len(full) - 1
+    for (a1, a2), (b1, b2) in zip(full[1:], resumed):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(full[0][0], other_seed[0][0])
+
+
+def test_bad_file_skip_and_stop(tmp_path, caplog):
+    files = _dataset(tmp_path, n=8)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(Path(files[0]).read_bytes()[:300])
+    files[5] = str(bad)
+    loader = _loader(files, on_bad_file="skip")
+    batches = list(loader.epoch(0))
+    assert len(batches) == loader.steps_per_epoch == 2
+    assert loader.skipped_files == 1
+    assert str(bad) in caplog.text
+    with pytest.raises(BadImageError, match="broken.jpg") as info:
+        list(_loader(files, on_bad_file="stop").epoch(0))
+    assert info.value.path == str(bad)
+
+
+def test_crop_sampler_matches_torchvision_rule():
+    recipe = byol_recipes((224, 224))[0]
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        top, left, h, w = sample_crop(rng, recipe, 480, 640)
+        assert 0 <= top and top + h <= 480 and 0 <= left and left + w <= 640
+        assert 3 / 4 - 0.01 <= w / h <= 4 / 3 + 0.01  # rounding to whole pixels
+        assert 0.08 - 0.005 <= h * w / (480 * 640) <= 1.0
+    # an image far wider than 4:3 falls back to a centred crop of ratio 4/3 when every try fails
+    rng = np.random.default_rng(0)
+    crops = [sample_crop(rng, recipe, 10, 1000) for _ in range(50)]
+    assert (0, (1000 - round(10 * 4 / 3)) // 2, 10, round(10 * 4 / 3)) in crops
+
+
+def test_sampled_rates_match_the_recipe():
+    v1, v2 = byol_recipes((224, 160))
+    rng = np.random.default_rng(0)
+    n = 4000
+    p1 = [sample_view_params(rng, v1, 480, 640) for _ in range(n)]
+    p2 = [sample_view_params(rng, v2, 480, 640) for _ in range(n)]
+
+    def rate(ps, key):
+        return np.mean([p[key] for p in ps])
+
+    for ps, key, p in [(p1, "flip", 0.5), (p1, "jitter", 0.8), (p1, "gray", 0.2), (p1, "blur", 1.0),
+                       (p1, "solarize", 0.0), (p2, "blur", 0.1), (p2, "solarize", 0.2)]:
+        assert abs(rate(ps, key) - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-9, key
+    brightness = np.array([p["brightness"] for p in p1])
+    assert brightness.min() >= 0.6 and brightness.max() <= 1.4 and abs(brightness.mean() - 1) < 0.02
+
+
+def test_color_twist_identity_and_grayscale():
+    x = np.random.default_rng(0).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    assert np.abs(color_twist(x).astype(int) - x).max() <= 1
+    gray = color_twist(x, saturation=0.0).astype(float)
+    luma = x @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(gray - luma[..., None]).max() <= 1.0
