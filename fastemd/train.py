@@ -138,7 +138,7 @@ def train(cfg: Config) -> dict:
     """Pretrain; returns how it ended, the paths of what it wrote, and the (unwrapped) model."""
     from fastemd.model import SelfEMD
     from fastemd.optim import build_optimizer, global_batch_lr, lr_schedule, tau_schedule, wd_schedule
-    from fastemd.pipelines import build_two_view_loader
+    from fastemd.pipelines import BadImageError, build_two_view_loader
 
     env = setup_distributed(cfg.train.device)
     cuda = env.device.type == "cuda"
@@ -329,6 +329,7 @@ def train(cfg: Config) -> dict:
                         m.update(step=step, total_steps=run_steps, epoch=epoch, step_in_epoch=step_in_epoch + 1,
                                  loss_smooth=smooth.update(m["loss"]), lr=float(lr_sched[step - 1]),
                                  tau=float(tau_sched[step - 1]), skipped_steps=skipped,
+                                 skipped_files=getattr(loader, "skipped_files", 0),
                                  peak_mem_gb=torch.cuda.max_memory_allocated(env.device) / 1e9 if cuda else None)
                         elapsed = now() - window_start
                         if timed_steps:
@@ -370,6 +371,9 @@ def train(cfg: Config) -> dict:
                 break  # stopped by a signal or by max_steps inside the epoch
             if ended == "finished":
                 checkpoint()
+        except BadImageError as e:  # data.on_bad_file=stop: a clean stop, the last checkpoint untouched
+            raise TrainingError(f"stopping on a bad image (data.on_bad_file=stop): {e}. "
+                                f"Last good checkpoint: {last_ckpt or 'none yet'}") from None
         except torch.cuda.OutOfMemoryError:
             if step > 0:
                 raise
@@ -406,9 +410,11 @@ def train(cfg: Config) -> dict:
 
 def main(cfg: Config) -> int:
     """`fastemd train` after the config is resolved: the exit status for the shell."""
+    from fastemd.pipelines import DataError
+
     try:
         result = train(cfg)
-    except TrainingError as e:
+    except (TrainingError, DataError) as e:
         print(f"fastemd: error: {e}", file=sys.stderr)
         return 1
     finally:

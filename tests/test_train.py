@@ -168,6 +168,45 @@ def test_nonfinite_in_a_row_stops_keeping_last_checkpoint(demo_json, tmp_path, m
         assert torch.isfinite(value.float()).all(), key
 
 
+@pytest.fixture()
+def demo_with_bad_file(tmp_path):
+    path = make_demo_data(tmp_path / "bad-demo", num_images=16, seed=1)
+    bad = tmp_path / "bad-demo" / "train2017" / "000000000005.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-header
+    return str(path), bad
+
+
+def test_bad_image_stops_cleanly_naming_the_file(demo_with_bad_file, tmp_path):
+    path, bad = demo_with_bad_file
+    with pytest.raises(TrainingError, match=rf"{bad}.*Last good checkpoint"):
+        train(tiny_cfg(path, tmp_path / "run", "data.on_bad_file=stop", "train.epochs=2"))
+
+
+def test_bad_image_is_skipped_and_counted(demo_with_bad_file, tmp_path):
+    path, bad = demo_with_bad_file
+    result = train(tiny_cfg(path, tmp_path / "run", "data.on_bad_file=skip", "train.epochs=2"))
+    assert result["ended"] == "finished" and result["step"] == 4  # 16 images / batch 8, 2 epochs
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_files"] >= 1
+
+
+def test_missing_source_is_one_clear_error(tmp_path, capsys):
+    from fastemd.cli import main
+
+    missing = tmp_path / "nope" / "instances_train2017.json"
+    assert main(["train", "--preset", "demo", f"--data.sources={missing}", f"--train.out_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and err.count("\n") == 1
+
+
+def test_gradient_accumulation_halves_the_optimizer_steps(demo_json, tmp_path):
+    result = train(tiny_cfg(demo_json, tmp_path, "train.grad_accum=2", "data.batch_size=4", "train.max_steps=3"))
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    # 32 images / (4 x 2 micro-batches) = 4 optimizer steps per epoch
+    assert result["step"] == 3 and (state["epoch"], state["step_in_epoch"]) == (0, 3)
+    assert all(v == v for v in losses(tmp_path).values())
+
+
 def test_too_small_dataset_is_a_clear_error(demo_json, tmp_path):
     with pytest.raises(Exception, match=r"32 images"):
         train(tiny_cfg(demo_json, tmp_path, "data.batch_size=64"))
@@ -177,7 +216,7 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_json, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", *[f"--{o}" for o in TINY],
            f"--data.sources={demo_json}", f"--train.out_dir={out}", "--train.max_steps=500"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
@@ -227,7 +266,7 @@ def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
                  "train.max_steps=3", "data.batch_size=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            str(script), *overrides, str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
