@@ -52,9 +52,9 @@ class Dashboard:
     """`update(metrics)` on log steps, `print(text)` for messages, `close()` at the end."""
 
     def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int = 0, mode: str = "auto",
-                 enabled: bool = True, title: str = "fastemd"):
+                 enabled: bool = True, title: str = "fastemd", console: Console | None = None):
         self.enabled = enabled
-        self.console = Console(stderr=False)
+        self.console = console or Console()
         self.rich = enabled and (mode == "rich" or (mode == "auto" and self.console.is_terminal))
         self.title = title
         self.live = None

@@ -1,0 +1,52 @@
+"""The dashboard: the plain line for logs, the rich panel for terminals, the smoothed loss."""
+
+import io
+
+from rich.console import Console
+
+from fastemd.dashboard import Dashboard, Meter, format_line
+
+METRICS = dict(step=120, total_steps=3200, epoch=2, step_in_epoch=40, loss=1.23456, loss_smooth=1.3, loss_emd=0.8,
+               loss_global=0.43456, similarity=0.59, lr=0.0812, tau=0.99612, ms_per_step=412.34, images_per_s=621.2,
+               data_wait_pct=1.25, peak_mem_gb=31.2, mfu=0.384, skipped_steps=3, skipped_files=0, eta_s=1274)
+
+
+def test_plain_line_has_every_field():
+    line = format_line(METRICS)
+    for part in ["step 120/3200", "ep 2", "loss 1.2346 (emd 0.8000 glob 0.4346)", "sim 0.5900", "lr 0.0812",
+                 "tau 0.99612", "412.3 ms/step", "621 img/s", "data 1.2%", "mem 31.2G", "mfu 38%", "skipped 3",
+                 "eta 0:21:14"]:
+        assert part in line, part
+    assert "\n" not in line
+
+
+def test_plain_line_without_timing_or_gpu():
+    m = {k: v for k, v in METRICS.items() if k not in ("ms_per_step", "images_per_s", "data_wait_pct", "eta_s", "mfu")}
+    m["peak_mem_gb"] = None
+    line = format_line(m)
+    assert "ms/step" not in line and "mem" not in line and "eta -" in line
+
+
+def test_rich_panel_renders_metrics():
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=140, color_system=None)
+    dash = Dashboard(3200, 100, start_step=80, mode="rich", console=console, title="fastemd test")
+    dash.update(METRICS)
+    dash.close()
+    text = buffer.getvalue()
+    for part in ["fastemd test", "run", "epoch", "1.3000", "0.5900", "621", "412.3", "1.2%", "31.2 GB", "38%", "120/3200"]:
+        assert part in text, part
+
+
+def test_disabled_dashboard_prints_nothing(capsys):
+    dash = Dashboard(10, 5, mode="plain", enabled=False)
+    dash.update(METRICS)
+    dash.print("hello")
+    assert capsys.readouterr().out == ""
+
+
+def test_meter_is_bias_corrected_and_ignores_nan():
+    meter = Meter(beta=0.9)
+    assert meter.update(2.0) == 2.0  # bias-corrected: the first value, not 0.2
+    assert meter.update(float("nan")) == 2.0
+    assert abs(meter.update(1.0) - (0.9 * 0.2 + 0.1) / (1 - 0.81)) < 1e-12
