@@ -15,16 +15,6 @@ from fastemd.optim import build_optimizer
 BN = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is as fast as two, and two OpenMP threads per process on
-    # a busy 2-core machine oversubscribe it (the overfit test: 1 s alone, 25 s under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(global_weight=1.0, **loss):
     # ResNet-18 at width 8 (C5: 64 channels) with small heads: the whole code path, CPU-sized.
     model_cfg = ModelConfig(arch="resnet18", width=8, proj_hidden=32, proj_dim=16, pred_hidden=32)

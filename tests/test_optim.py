@@ -21,15 +21,6 @@ from fastemd.optim import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: two OpenMP threads per process only oversubscribe a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net():
     # conv (4-D), BN (1-D gamma/beta), linear (2-D weight, 1-D bias): every shape LARS sees.
     return nn.Sequential(
