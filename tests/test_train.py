@@ -53,7 +53,10 @@ def test_golden_losses(demo_json, tmp_path):
     golden = {int(k): v for k, v in json.loads(golden_file.read_text()).items()}
     assert golden.keys() == got.keys()
     for k in golden:
-        assert got[k] == pytest.approx(golden[k], rel=1e-4, abs=1e-5), f"step {k}"
+        # Tight early; looser later, because training amplifies float rounding: a 1e-7 change in
+        # the EMD op's fp32 summation order moved step 20 by 3e-3 (and a real bug moves step 2).
+        rel = min(1e-5 * 2 ** max(0, k - 8), 2e-2)
+        assert got[k] == pytest.approx(golden[k], rel=rel), f"step {k}"
     assert result["ended"] == "finished" and result["step"] == 20
     assert Path(result["backbone"]).is_file()
 
