@@ -195,12 +195,19 @@ def profile_step(args) -> dict:
 
 
 def _sweep(cfg, device, rung_list, sizes, batch) -> dict:
-    """Double the batch until the last rung runs out of memory; the largest that ran and its rate."""
+    """Double the batch until the step runs out of memory; the largest that ran and its rate.
+
+    The sweep runs the ladder's settings without torch.compile (a compile per batch size would
+    cost minutes); compiled steps usually need less memory, so the batch found is a lower bound.
+    """
+    settings = _rung_settings(rung_list, rung_list[-1])
+    settings["compile"] = False
     fits, rates = None, {}
     b = batch
     while b <= 16 * batch:
+        step = v1 = v2 = None
         try:
-            step = Step(cfg, device, **_rung_settings(rung_list, rung_list[-1]))
+            step = Step(cfg, device, **settings)
             v1, v2 = step.views(b, sizes)
             torch.cuda.reset_peak_memory_stats(device)
             sec = _time_steps(step, v1, v2, 2, 3)
@@ -212,7 +219,7 @@ def _sweep(cfg, device, rung_list, sizes, batch) -> dict:
             step = v1 = v2 = None
             torch.cuda.empty_cache()
         b *= 2
-    return {"largest_batch": fits, "by_batch": rates}
+    return {"largest_batch": fits, "by_batch": rates, "compiled": False}
 
 
 def profile_e2e(args) -> dict:
