@@ -46,11 +46,14 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def aot_report():
+def aot_report(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, json.dumps(CASES)],
         env=env, capture_output=True, text=True, timeout=600,
+        # Outside the checkout: `python -c` puts the cwd first on sys.path, and the source folder
+        # fastemd/ alone (kernels/ is mapped in by the install) would shadow the installed package.
+        cwd=tmp_path_factory.getbasetemp(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
