@@ -219,8 +219,10 @@ def train(cfg: Config) -> dict:
     if env.distributed:
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
     if cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda):
+        # dynamic=False: every batch of a run has the same shapes (the loaders pad or drop), so
+        # static kernels; a shape change recompiles statically instead of going symbolic.
         step_model = torch.compile(step_model, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode,
-                                   backend=cfg.train.compile_backend)
+                                   backend=cfg.train.compile_backend, dynamic=False)
 
     # ---- what we report ---------------------------------------------------------------------
     from fastemd.flops import flops_per_pair, peak_flops

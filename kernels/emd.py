@@ -184,7 +184,9 @@ def _torch_backward(grad_s, x, y, plan, aux_x, aux_y):
     xf, yf = x.to(dt), y.to(dt)
     gx = torch.baddbmm(xf * coef_x, q, yf)  # (B, M, C)
     gy = torch.baddbmm(yf * coef_y, q.transpose(1, 2), xf)  # (B, N, C)
-    return gx.to(x.dtype), gy.to(y.dtype)
+    # Contiguous whatever the inputs' strides (as the Triton launcher and the fake impl):
+    # one layout contract for every implementation of the op.
+    return gx.to(x.dtype).contiguous(), gy.to(y.dtype).contiguous()
 
 
 def emd_similarity_reference(
@@ -271,7 +273,9 @@ def _emd_backward(
 
 @_emd_backward.register_fake
 def _(grad_s, x, y, plan, aux_x, aux_y, impl):
-    return torch.empty_like(x), torch.empty_like(y)
+    # Contiguous gradients, not empty_like: the inputs are often transposed views of
+    # channels_last maps, and both real implementations return contiguous tensors.
+    return x.new_empty(x.shape), y.new_empty(y.shape)
 
 
 def _setup_context(ctx, inputs, output):

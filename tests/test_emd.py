@@ -358,6 +358,18 @@ def test_opcheck_custom_op():
     torch.library.opcheck(torch.ops.fastemd.emd_forward.default, (x, y, 0.05, 5, False, "torch"))
 
 
+def test_opcheck_backward_on_channels_last_views():
+    """The model feeds (B, C, H, W) maps as (B, H*W, C) views with C-major strides (no copy):
+    the fake impl must give the real impl's output strides, or inductor's stride asserts fail."""
+    x = torch.randn(2, 6, 3, 3).flatten(2).transpose(1, 2)  # (B, M, C), strides (54, 1, 9)
+    y = torch.randn(2, 6, 2, 2).flatten(2).transpose(1, 2)  # (B, N, C)
+    assert not x.is_contiguous()
+    s, plan, aux_x, aux_y = torch.ops.fastemd.emd_forward(x, y, 0.05, 5, False, "torch")
+    grad_s = torch.randn(2)
+    torch.library.opcheck(torch.ops.fastemd.emd_backward.default, (grad_s, x, y, plan, aux_x, aux_y, "torch"))
+    torch.library.opcheck(torch.ops.fastemd.emd_forward.default, (x, y, 0.05, 5, False, "torch"))
+
+
 def test_compiles_without_graph_break():
     x, y = _features(4, 9, 25, 16)
 

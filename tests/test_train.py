@@ -294,6 +294,7 @@ def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
 def test_compiled_step_traces_with_aot_eager(demo_json, tmp_path):
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
     counters.clear()
     result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=2", "train.compile=on",
                             "train.compile_backend=aot_eager"))
@@ -305,6 +306,7 @@ def test_compiled_step_traces_with_aot_eager(demo_json, tmp_path):
 @pytest.mark.slow
 def test_compiled_step_inductor(demo_json, tmp_path):
     """A real inductor compile of the training step (60-100 s cold on CPU)."""
+    torch._dynamo.reset()  # no shapes remembered from other tests' compiles of the same code
     eager = train(tiny_cfg(demo_json, tmp_path / "eager", "train.max_steps=3"))
     compiled = train(tiny_cfg(demo_json, tmp_path / "compiled", "train.max_steps=3", "train.compile=on"))
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
