@@ -191,8 +191,8 @@ def demo() -> Config:
     cfg.model.pred_hidden = 256
     cfg.optim.warmup_epochs = 1.0
     cfg.optim.base_lr = 0.2
-    cfg.train.epochs = 4
-    cfg.train.ckpt_every = 20
+    cfg.train.epochs = 20
+    cfg.train.ckpt_every = 100
     cfg.train.out_dir = "runs/demo"
     cfg.log.every = 5
     return cfg

@@ -262,7 +262,8 @@ def profile_e2e(args) -> dict:
     _sync(device)
     total = time.perf_counter() - start
     stream.close()
-    return {"loader": kind, "loader_note": "" if kind == "dali" else "DALI not installed: the reference loader",
+    note = "DALI not installed: the reference loader" if kind == "torch" and cfg.data.loader == "auto" else ""
+    return {"loader": kind, "loader_note": note,
             "images": len(files), "batch": cfg.data.batch_size, "ms_per_step": 1000 * total / args.steps,
             "images_per_s": cfg.data.batch_size * args.steps / total, "data_wait_pct": 100 * wait / total}
 
