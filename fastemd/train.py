@@ -9,8 +9,9 @@ files; every rank runs the same number of steps.
 
 Host synchronisation: metrics stay on the device and are read (`.item()`) only on log steps.
 The one read per step is a single flag, "was this step's loss finite on every rank", taken
-before the optimizer step so that a non-finite step changes nothing (no LARS, no EMA); with
-fp16 the GradScaler makes the same kind of read for the same reason.
+before the optimizer step so that a non-finite step changes nothing (no LARS, no EMA, and the
+BatchNorm running statistics its forward touched are put back); with fp16 the GradScaler makes
+the same kind of read for the same reason.
 
 Resume: a checkpoint holds the position (epoch, step in the epoch), so `--resume auto`
 continues the same data order and schedules; on CPU the per-step losses of a resumed run equal
@@ -244,6 +245,7 @@ def train(cfg: Config) -> dict:
 
     dash = Dashboard(run_steps, steps_per_epoch, start_step=step, mode=cfg.log.dashboard, enabled=env.main,
                      title=f"fastemd {cfg.preset}: {cfg.model.arch} on {env.world_size}x {env.device.type}")
+    buffers = list(model.buffers())  # BatchNorm running statistics of online and target
     keys = ("loss", "loss_emd", "loss_global", "similarity")
     window = torch.zeros(len(keys), device=env.device)  # sums over the log window, on the device
     window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None
@@ -280,6 +282,9 @@ def train(cfg: Config) -> dict:
                         group["lr"] = float(lr_sched[step])
                         group["weight_decay"] = float(wd_sched[step])
 
+                    # BatchNorm running statistics change in the forward itself: keep a copy (a few
+                    # hundred kB) so that a skipped step can put them back, NaN-free.
+                    buffers_before = torch._foreach_clone(buffers)
                     loss_sum = torch.zeros((), device=env.device)
                     for micro in range(accum):
                         t0 = now()
@@ -306,6 +311,7 @@ def train(cfg: Config) -> dict:
                         model.update_target(float(tau_sched[step]))
                         bad_in_row = 0
                     else:
+                        torch._foreach_copy_(buffers, buffers_before)
                         skipped += 1
                         bad_in_row += 1
                         dash.print(f"step {step + 1}: non-finite loss; update skipped ({bad_in_row} in a row)",
