@@ -144,3 +144,18 @@ def test_installed_package_layout():
     assert fastemd.__version__ == version("fastemd")
     assert callable(fastemd.kernels.emd_similarity)
     assert callable(fastemd.pipelines.build_two_view_loader)
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("train.py", ["--preset", "demo", "--loss.gamma=0.07", "--print-config"], "gamma = 0.07"),
+    ("export.py", ["--help"], "--format {torchvision,detectron2}"),
+    ("check_data.py", ["--help"], "--manifest"),
+    ("make_demo_data.py", ["--help"], "--num-images"),
+])
+def test_tools_scripts_are_the_cli(tmp_path, script, args, expect):
+    """tools/*.py take exactly the arguments of their `fastemd` subcommand (torchrun runs them)."""
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / script
+    out = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert expect in out.stdout
