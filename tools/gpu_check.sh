@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: on a machine with one H100/H200, in at most ~8 minutes,
+# The GPU check: on a machine with one H100/H200, in at most ~9 minutes (each part has a timeout),
 #   1. the gpu-marked tests,
 #   2. fastemd profile emd   (eager / compiled torch / Triton / POT),
 #   3. fastemd profile step  (the optimisation ladder at batch 256, ResNet-50, 224/224, bf16) + batch sweep,
@@ -50,23 +50,25 @@ if [ "$quick" = 1 ]; then
   e2e_args=(--preset demo --batch 4 --steps 2 --warmup 1 data.workers=1)
   data_args=(--pairs 32 --batch-size 8 --workers 1 --images 8)
 else
-  step_args=(--batch 256 --steps 20 --warmup 5 --sweep)
-  emd_args=(--impls torch,compile,triton)
-  e2e_args=(--batch 256 --steps 30 --warmup 5 data.workers=8)
-  data_args=(--pairs 4096 --batch-size 256 --workers 2)
+  # Sized so that the whole script stays under ~9 minutes even when every step hits its timeout
+  # (one device-tool call is at most 10): compiles dominate, so few timed steps.
+  step_args=(--batch 256 --steps 10 --warmup 3 --sweep)
+  emd_args=(--impls torch,compile,triton --batch 64,512 --sizes 25,49 --min-time 0.1)
+  e2e_args=(--batch 256 --steps 20 --warmup 3 data.workers=8)
+  data_args=(--pairs 2048 --batch-size 256 --workers 2)
 fi
 
 # --continue-on-collection-errors: a test file importing a package the GPU image lacks (pycocotools,
 # POT) must not stop the gpu tests of the other files.
-run tests_gpu 180 $py -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors "$repo/tests"
-run profile_emd 200 $py -m fastemd.cli profile emd --device $device --json "${emd_args[@]}"
+run tests_gpu 90 $py -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors "$repo/tests"
+run profile_emd 120 $py -m fastemd.cli profile emd --device $device --json "${emd_args[@]}"
 run profile_step 240 $py -m fastemd.cli profile step --device $device --json "${step_args[@]}"
 # e2e on the demo dataset's image folder (a folder needs no pycocotools, absent from some GPU images)
 demo=$logs/demo-data
-[ -d "$demo/train2017" ] || $py -m fastemd.cli make-demo-data "$demo" --num-images 512 > make_demo.log 2>&1
-run profile_e2e 150 $py -m fastemd.cli profile e2e --device $device --json "${e2e_args[@]}" "data.sources=$demo/train2017"
+[ -d "$demo/train2017" ] || $py -m fastemd.cli make-demo-data "$demo" --num-images 256 > make_demo.log 2>&1
+run profile_e2e 45 $py -m fastemd.cli profile e2e --device $device --json "${e2e_args[@]}" "data.sources=$demo/train2017"
 if $py -c "import nvidia.dali" 2>/dev/null; then
-  run profile_data 150 $py -m fastemd.cli profile data --device $device --json --source "$demo/train2017" "${data_args[@]}"
+  run profile_data 45 $py -m fastemd.cli profile data --device $device --json --source "$demo/train2017" "${data_args[@]}"
 fi
 
 for name in "${!rc[@]}"; do echo "$name ${rc[$name]}"; done > status.txt
