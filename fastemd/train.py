@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -348,7 +349,9 @@ def train(cfg: Config) -> dict:
                                      eta_s=(run_steps - step) * sec_per_step)
                         dash.update(m)
                         if metrics_file:
-                            metrics_file.write(json.dumps(m) + "\n")
+                            # strict JSON (jq, pandas): a NaN mean of a window with a skipped step is null
+                            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
+                            metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
                             metrics_file.flush()
                         if tb is not None:
                             for k in (*keys, "lr", "tau", "images_per_s", "data_wait_pct"):

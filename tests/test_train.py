@@ -140,7 +140,10 @@ def test_nonfinite_loss_is_skipped_and_counted(demo_json, tmp_path, monkeypatch)
     result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=5"))
     assert result["skipped_steps"] == 1 and result["step"] == 5
     assert calls["step"] == 4 and calls["ema"] == 4
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert not any("NaN" in line for line in lines)  # strict JSON: the poisoned step's loss is null
+    rows = [json.loads(line) for line in lines]
+    assert rows[2]["step"] == 3 and rows[2]["loss"] is None
     assert rows[-1]["skipped_steps"] == 1
     # weights and BatchNorm running statistics (restored after the bad forward) all finite
     for key, value in load_checkpoint(list_checkpoints(tmp_path)[-1])["model"].items():
