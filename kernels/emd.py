@@ -307,14 +307,9 @@ def _check_inputs(x, y, gamma, n_iters, weights, impl, grad) -> None:
     shapes = "expected x (B, M, C) and y (B, N, C) with the same B and C, M, N >= 1, C >= 1"
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise ValueError(f"emd_similarity: x and y must be tensors; {shapes}")
-    if x.dim() != 3 or y.dim() != 3:
-        raise ValueError(
-            f"emd_similarity: {shapes}; got x {tuple(x.shape)} and y {tuple(y.shape)}"
-        )
-    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2] or min(*x.shape[1:], y.shape[1]) < 1:
-        raise ValueError(
-            f"emd_similarity: {shapes}; got x {tuple(x.shape)} and y {tuple(y.shape)}"
-        )
+    if (x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]
+            or min(*x.shape[1:], y.shape[1]) < 1):
+        raise ValueError(f"emd_similarity: {shapes}; got x {tuple(x.shape)} and y {tuple(y.shape)}")
     allowed = _DTYPES + ((torch.float64,) if impl == "torch" else ())
     if x.dtype not in allowed or y.dtype != x.dtype:
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
@@ -362,7 +357,7 @@ def emd_similarity(
     _check_inputs(x, y, gamma, n_iters, weights, impl, grad)
     if grad == "unrolled":
         with torch.autocast(device_type=x.device.type, enabled=False):
-                s, plan = emd_similarity_reference(x, y, float(gamma), n_iters, weights, "unrolled")
+            s, plan = emd_similarity_reference(x, y, float(gamma), n_iters, weights, "unrolled")
     else:
         s, plan, _, _ = _emd_forward(x, y, float(gamma), n_iters, weights == "cross", impl)
     plan = plan.detach()  # fp32 (float64 for float64 inputs), like s
