@@ -20,6 +20,7 @@ cold compile costs minutes) unless `--rungs` asks for more.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -67,11 +68,11 @@ class Step:
         from fastemd.model import SelfEMD
         from fastemd.optim import build_optimizer
 
-        cfg.loss.impl = impl
         torch.manual_seed(0)
         self.device = device
         self.format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = SelfEMD(cfg.model, cfg.loss).to(device, memory_format=self.format)
+        loss_cfg = dataclasses.replace(cfg.loss, impl=impl)  # the rung's choice; cfg stays as resolved
+        self.model = SelfEMD(cfg.model, loss_cfg).to(device, memory_format=self.format)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = 0.01
