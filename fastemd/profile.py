@@ -50,10 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args):
     from fastemd.config import resolve
 
-    cfg = resolve(args.preset, None, list(args.overrides))
-    if args.batch:
-        cfg.data.batch_size = args.batch
-    return cfg
+    batch = [f"data.batch_size={args.batch}"] if args.batch else []  # validated like any override
+    return resolve(args.preset, None, [*args.overrides, *batch])
 
 
 def _sync(device):
