@@ -160,7 +160,7 @@ def train(cfg: Config) -> dict:
     loader = build_two_view_loader(
         files, kind=loader_kind, batch_size=cfg.data.batch_size,
         view_sizes=(cfg.data.view1_size, cfg.data.view2_size), crop_scale_min=cfg.data.crop_scale_min,
-        rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device.type,
+        rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device,
         workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
         on_bad_file=cfg.data.on_bad_file, drop_last=cfg.data.drop_last,
     )
