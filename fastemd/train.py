@@ -263,19 +263,20 @@ def train(cfg: Config) -> dict:
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
+            "step": step, "epoch": epoch, "step_in_epoch": done_in_epoch, "steps_per_epoch": steps_per_epoch,
             "skipped_steps": skipped, "rng": rng_state(), "config": cfg.to_dict(), "git": revision,
             "world_size": env.world_size,
         }
         last_ckpt = save_checkpoint(state, out_dir, step, cfg.train.keep_last)
         saved_at = step
 
-    step_in_epoch = start_in_epoch
+    done_in_epoch = start_in_epoch  # steps of `epoch` already done: where a resumed run starts
     with StopSignal() as stop:
         try:
             while step < run_steps and epoch < cfg.train.epochs:
                 batches = iter(loader.epoch(epoch, start_step=start_in_epoch * accum))
                 dash.new_epoch(epoch, steps_per_epoch, start_in_epoch)
+                done_in_epoch = start_in_epoch
                 for step_in_epoch in range(start_in_epoch, steps_per_epoch):
                     if step >= run_steps:
                         break
@@ -325,6 +326,7 @@ def train(cfg: Config) -> dict:
                             )
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    done_in_epoch = step_in_epoch + 1
                     window_steps += 1
                     timed_steps += 1
                     if window_start is None:  # the first step (compilation, warm-up) is logged, not timed

@@ -61,18 +61,23 @@ def test_golden_losses(demo_json, tmp_path):
     assert Path(result["backbone"]).is_file()
 
 
-def test_resume_is_exact(demo_json, tmp_path):
-    # 32 images / batch 8 = 4 steps per epoch: the interruption at step 6 is mid-epoch 1.
+@pytest.mark.parametrize("stop, position", [
+    (["train.max_steps=6"], (6, 1, 2)),  # the final checkpoint of a run cut short mid-epoch 1
+    (["train.max_steps=6", "train.ckpt_every=3"], (6, 1, 2)),  # a periodic checkpoint mid-epoch
+    (["train.max_steps=8"], (8, 1, 4)),  # the checkpoint at the end of epoch 1
+], ids=["final", "periodic", "epoch-end"])
+def test_resume_is_exact(demo_json, tmp_path, stop, position):
+    # 32 images / batch 8 = 4 steps per epoch. step_in_epoch counts the steps of `epoch` already done.
     full = tmp_path / "full"
     train(tiny_cfg(demo_json, full, "train.max_steps=10", "train.epochs=3"))
     part = tmp_path / "part"
-    train(tiny_cfg(demo_json, part, "train.max_steps=6", "train.epochs=3"))
+    train(tiny_cfg(demo_json, part, "train.epochs=3", *stop))
     state = load_checkpoint(list_checkpoints(part)[-1])
-    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (6, 1, 2)
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == position
     result = train(tiny_cfg(demo_json, part, "train.max_steps=10", "train.epochs=3", "train.resume=auto"))
     assert result["step"] == 10
     a, b = losses(full), losses(part)
-    for k in range(7, 11):
+    for k in range(position[0] + 1, 11):
         assert a[k] == b[k], f"step {k}: {a[k]} != {b[k]}"
     sa = load_checkpoint(list_checkpoints(full)[-1])["model"]
     sb = load_checkpoint(list_checkpoints(part)[-1])["model"]
@@ -233,6 +238,9 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_json, tmp_path):
     assert "stopped by SIGTERM" in output
     state = load_checkpoint(list_checkpoints(out)[-1])
     assert 2 <= state["step"] < 500
+    # where a resume starts: the steps of the saved epoch already done (4 steps per epoch here)
+    assert (state["epoch"], state["step_in_epoch"]) == divmod(state["step"], 4) or (
+        state["step"] % 4 == 0 and (state["epoch"], state["step_in_epoch"]) == (state["step"] // 4 - 1, 4))
 
 
 def _free_port():
