@@ -2,8 +2,8 @@
 
 A checkpoint is `OUT/checkpoints/step_00001234.pt`, a plain dict of tensors and Python values
 (loadable with `torch.load(..., weights_only=True)`): online and target weights (both in
-`model`), optimizer, grad scaler, step, epoch, position in the epoch, RNG states, the resolved
-config and the git revision.
+`model`), optimizer, grad scaler, step, epoch, position in the epoch, RNG states, every rank's
+data-loader state (`data`: one dict per rank), the resolved config and the git revision.
 
 Writing: to `step_X.pt.tmp` in the same folder, flush + fsync, rename over the final name,
 fsync the folder. A crash at any point leaves either the old set of checkpoints or the new one,

@@ -13,11 +13,13 @@ before the optimizer step so that a non-finite step changes nothing (no LARS, no
 BatchNorm running statistics its forward touched are put back); with fp16 the GradScaler makes
 the same kind of read for the same reason.
 
-Resume: a checkpoint holds the position (epoch, step in the epoch), so `--resume auto`
-continues the same data order and schedules; on CPU the per-step losses of a resumed run equal
-those of an uninterrupted one (tests/test_train.py). The RNG states saved are rank 0's; the
-model draws no random numbers after initialisation, and the data pipelines seed themselves
-from (seed, epoch, rank), so the other ranks' trajectories resume exactly as well.
+Resume: a checkpoint holds the position (epoch, steps of it done) and every rank's data-loader
+state (for DALI, each rank's pipeline checkpoint: reader position and random generators), so
+`--resume auto` continues the same images, augmentations and schedules; on CPU the per-step
+losses of a resumed run equal those of an uninterrupted one, with either loader
+(tests/test_train.py). The RNG states saved are rank 0's; the model draws no random numbers
+after initialisation, and the loaders seed themselves from (seed, epoch, rank), so the other
+ranks' trajectories resume exactly as well.
 """
 
 from __future__ import annotations
@@ -211,6 +213,12 @@ def train(cfg: Config) -> dict:
                     f"{steps_per_epoch} (different data, batch size or world size); start a new out_dir"
                 )
             set_rng_state(state["rng"])
+            data_states = state.get("data") or []
+            if len(data_states) == env.world_size:  # each rank its own: DALI's reader and RNG states
+                loader.load_state_dict(data_states[env.rank])
+            elif data_states:
+                say(f"fastemd: {resumed_from} holds the data state of {len(data_states)} rank(s), this run has "
+                    f"{env.world_size}: the rest of epoch {epoch} reads the same images with fresh augmentations")
             say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)")
     if start_in_epoch >= steps_per_epoch:
         epoch, start_in_epoch = epoch + 1, 0
@@ -257,18 +265,27 @@ def train(cfg: Config) -> dict:
     ended = "finished"
 
     def checkpoint() -> None:
+        # Every rank calls this at the same steps (the stop decision is agreed on first): the data
+        # loaders' states are gathered to rank 0, which writes the file.
         nonlocal last_ckpt, saved_at
-        if not env.main or saved_at == step:
+        if saved_at == step:
+            return
+        saved_at = step
+        data_states = [loader.state_dict()]
+        if env.distributed:
+            gathered = [None] * env.world_size if env.main else None
+            dist.gather_object(data_states[0], gathered, dst=0)
+            data_states = gathered
+        if not env.main:
             return
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "step": step, "epoch": epoch, "step_in_epoch": done_in_epoch, "steps_per_epoch": steps_per_epoch,
             "skipped_steps": skipped, "rng": rng_state(), "config": cfg.to_dict(), "git": revision,
-            "world_size": env.world_size,
+            "world_size": env.world_size, "data": data_states,
         }
         last_ckpt = save_checkpoint(state, out_dir, step, cfg.train.keep_last)
-        saved_at = step
 
     done_in_epoch = start_in_epoch  # steps of `epoch` already done: where a resumed run starts
     with StopSignal() as stop:

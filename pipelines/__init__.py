@@ -21,8 +21,10 @@ The trainer's whole interface::
   takes block r of every global batch. drop_last=True drops the permutation's last
   N mod (B x world) files that epoch; drop_last=False pads with its first files.
 - Resume: `epoch(e, start_step=k)` reads exactly the batches k.. of epoch e. The reference
-  loader also reproduces their augmentations exactly; DALI re-seeds from (seed, epoch, rank, k)
-  (see `dali_views.py`).
+  loader also reproduces their augmentations exactly. DALI does after
+  `loader.load_state_dict(state)` with the `loader.state_dict()` saved at that position (its
+  pipeline's own checkpoint); without one it re-seeds from (seed, epoch, rank, k) (see
+  `dali_views.py`). Both loaders have the two methods; the trainer saves every rank's state.
 - Bad files: on_bad_file="stop" raises `BadImageError(path, reason)` (a RuntimeError naming
   the file); "skip" replaces the file, logs a warning naming it and counts `loader.skipped_files`.
   `fastemd check-data` (`check.py`) finds bad files ahead of time and writes a manifest.

@@ -11,12 +11,15 @@ is folded into the final normalisation, which mirrors for free.
 
 Determinism and resume: the loader (not DALI's reader) decides which files a rank reads (the
 epoch plan of `sources.epoch_shard`, also used by the reference loader), and the pipeline is
-rebuilt at each epoch with the rank's list and a seed from (seed, epoch, rank, start_step).
-So the same seed gives the same images in the same batches and the same augmentations.
-A run resumed at `start_step` reads exactly the batches it would have read, but DALI's random
-operators cannot be fast-forwarded, so the augmentations of the rest of that epoch are a fresh
-(equally distributed, deterministic) draw; from the next epoch on, everything is identical to
-an uninterrupted run. The reference loader resumes augmentations exactly too.
+built at each epoch with the rank's list and a seed from (seed, epoch, rank, 0). So the same
+seed gives the same images in the same batches and the same augmentations. Pipelines are built
+with DALI checkpointing on: `state_dict()` returns the position (epoch, batches yielded) and the
+live pipeline's own checkpoint (its reader's position and every random generator, ~2.5 kB), and
+after `load_state_dict(state)`, `epoch(e, start_step)` at that position rebuilds the pipeline
+from it, so a resumed run reads the same images with the same augmentations as an uninterrupted
+one. Without a state (or with one from another position) a run started at `start_step` reads the
+same images, and draws the rest of that epoch's augmentations afresh from (seed, epoch, rank,
+start_step), with a warning if a state was given; from the next epoch on everything is identical.
 
 Bad files: a decode failure in DALI does not name the file, so the loader finds it by checking
 the files of the failing batches on the host (`check.check_file`) and, if they all pass, by
@@ -150,20 +153,46 @@ class DaliTwoViewLoader:
         self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
         self.skipped_files = 0
         self._bad: dict[str, str] = {}  # path -> reason, swapped out for the rest of the run
+        self._live: dict | None = None  # the running epoch: position and pipeline, for state_dict()
+        self._resume: dict | None = None  # a saved state, used by the epoch() call at its position
 
     def shard(self, epoch: int) -> np.ndarray:
         return epoch_shard(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, epoch, self.drop_last)
 
-    def _build(self, files: list[str], seed: int, with_params=False):
+    def _build(self, files: list[str], seed: int, with_params=False, checkpoint: bytes | None = None):
         cuda = self.device.type == "cuda"
         pipe = two_view_pipeline(
             files=files, device="gpu" if cuda else "cpu", recipes=self.recipes,
             hw_decoder_load=self.hw_decoder_load, half=self.dtype == torch.float16, with_params=with_params,
             batch_size=self.batch_size, num_threads=max(1, self.workers), seed=seed, prefetch_queue_depth=self.prefetch,
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None,
+            enable_checkpointing=True, checkpoint=checkpoint,
         )
         pipe.build()
         return pipe
+
+    def state_dict(self) -> dict:
+        """This rank's position, for a training checkpoint: the epoch, the batches of it yielded,
+        the step its pipeline was built at, the files swapped out, and the pipeline's own
+        checkpoint (reader position, random generators). Plain types: `weights_only` loads it."""
+        live = self._live
+        if live is None:
+            return {"kind": "dali"}
+        state = {"kind": "dali", "epoch": live["epoch"], "step": live["step"], "base_step": live["base_step"],
+                 "bad": sorted(self._bad.items())}
+        if live["pipe"] is not None and live["step"] < self.steps_per_epoch:
+            state["dali"] = live["pipe"].checkpoint()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`: the next `epoch(e, start_step)` at its position uses it.
+        A state of another loader kind (a run resumed with data.loader changed) is ignored."""
+        if state.get("kind") != "dali" or "epoch" not in state:
+            log.warning("no DALI loader state to resume from (got %s): augmentations resume afresh",
+                        state.get("kind", "nothing"))
+            return
+        self._bad.update(dict(state["bad"]))
+        self._resume = state
 
     def _rank_files(self, epoch: int) -> list[str]:
         return [self.files[i] for i in self.shard(epoch).reshape(-1)]
@@ -173,23 +202,38 @@ class DaliTwoViewLoader:
         for i, path in enumerate(files):
             if path in self._bad:
                 files[i] = self._replacement(files, i)
+        resume, self._resume = self._resume, None
+        base, checkpoint = start_step, None
+        if resume is not None and (resume["epoch"], resume["step"]) == (epoch, start_step) and "dali" in resume:
+            base, checkpoint = resume["base_step"], resume["dali"]
+        elif resume is not None and "dali" in resume:
+            log.warning("DALI loader state saved at epoch %s step %s, resuming at epoch %d step %d: the "
+                        "augmentations of the rest of this epoch are a fresh draw", resume.get("epoch"),
+                        resume.get("step"), epoch, start_step)
         step = start_step
+        # this generator's own dict: a closed generator's `finally` never touches a newer epoch's
+        live = self._live = {"epoch": epoch, "step": step, "base_step": base, "pipe": None}
         while step < self.steps_per_epoch:
-            pipe = self._build(files[step * self.batch_size:], derived_seed(self.seed, epoch, self.rank, step), with_params)
+            pipe = self._build(files[base * self.batch_size:], derived_seed(self.seed, epoch, self.rank, base),
+                               with_params, checkpoint)
+            live.update(base_step=base, pipe=pipe)
             try:
                 while step < self.steps_per_epoch:
                     try:
                         outputs = pipe.run()
                     except RuntimeError as error:
                         self._recover(files, step, error)
+                        base, checkpoint = step, None
                         break  # the pipeline is dead after an error: rebuild at `step`
                     step += 1
+                    live["step"] = step
                     views = tuple(self._to_torch(out) for out in outputs[:2])
                     if with_params:
                         yield (*views, [out.as_array() for out in outputs[2:]])
                     else:
                         yield views
             finally:
+                live["pipe"] = None
                 del pipe
 
     def _recover(self, files: list[str], step: int, error: Exception) -> None:

@@ -208,6 +208,14 @@ class TorchTwoViewLoader:
     def shard(self, epoch: int) -> np.ndarray:
         return epoch_shard(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, epoch, self.drop_last)
 
+    def state_dict(self) -> dict:
+        """Nothing but the kind: every draw comes from (seed, epoch, rank, step, slot), so the
+        trainer's position alone resumes images and augmentations exactly."""
+        return {"kind": "torch"}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # see state_dict; a DALI state (data.loader changed) has nothing this loader can use
+
     def epoch(self, epoch: int, start_step: int = 0):
         shard = self.shard(epoch)
         batches = [

@@ -111,6 +111,43 @@ def test_reads_the_planned_files_and_resumes_at_the_same_batch(tmp_path, world_s
     assert counts.min() == 1 and counts.max() <= 2 and counts.sum() - len(files) == (counts == 2).sum()
 
 
+def test_resume_from_state_dict_repeats_the_augmentations(tmp_path, caplog):
+    files = _dataset(tmp_path, n=20)  # 5 steps of 4
+    full = [(v1, v2) for v1, v2 in _loader(files).epoch(2)]
+    first = _loader(files)
+    batches = iter(first.epoch(2))
+    for _ in range(2):  # two steps done, then a checkpoint
+        next(batches)
+    state = first.state_dict()
+    assert (state["epoch"], state["step"], state["base_step"]) == (2, 2, 0) and len(state["dali"]) > 0
+    del batches
+
+    resumed = _loader(files)
+    resumed.load_state_dict(state)
+    rest = list(resumed.epoch(2, start_step=2))
+    assert len(rest) == 3
+    for (a1, a2), (b1, b2) in zip(full[2:], rest):  # the same images with the same augmentations
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+    # Without the state (or with a state of another position): the same images, fresh augmentations.
+    other = _loader(files)
+    other.load_state_dict(state)
+    with caplog.at_level("WARNING"):
+        fresh = [_params(p)[0] for _, _, p in other.epoch(2, start_step=3, with_params=True)]
+    assert "saved at epoch 2 step 2, resuming at epoch 2 step 3" in caplog.text
+    planned = [_params(p)[0] for _, _, p in _loader(files).epoch(2, with_params=True)][3:]
+    assert all(np.array_equal(a, b) for a, b in zip(planned, fresh))
+    fresh_views = list(_loader(files).epoch(2, start_step=3))
+    assert not torch.equal(fresh_views[0][0], full[3][0])
+
+
+def test_state_at_the_end_of_an_epoch_carries_no_pipeline(tmp_path):
+    loader = _loader(_dataset(tmp_path, n=8))
+    list(loader.epoch(0))
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"]) == (0, 2) and "dali" not in state  # the next epoch starts afresh
+
+
 def _ks_statistic(a, b):
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
@@ -230,3 +267,18 @@ def test_gpu_skips_a_bad_file(tmp_path, caplog):
     loader = _loader(files, device="cuda", on_bad_file="skip")
     assert len(list(loader.epoch(0))) == loader.steps_per_epoch
     assert loader.skipped_files == 1 and files[2] in caplog.text
+
+
+@pytest.mark.gpu
+def test_gpu_resume_from_state_dict_repeats_the_augmentations(tmp_path):
+    files = _dataset(tmp_path, n=16, fmt="jpg")  # nvJPEG decodes, GPU operators augment
+    full = list(_loader(files, device="cuda").epoch(1))
+    first = _loader(files, device="cuda")
+    batches = iter(first.epoch(1))
+    next(batches)
+    state = first.state_dict()
+    del batches
+    resumed = _loader(files, device="cuda")
+    resumed.load_state_dict(state)
+    for (a1, a2), (b1, b2) in zip(full[1:], resumed.epoch(1, start_step=1), strict=True):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)

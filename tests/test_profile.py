@@ -40,3 +40,17 @@ def test_profile_e2e_reports_data_wait(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["loader"] == "torch" and result["loader_note"] == ""  # chosen, not a fallback
     assert 0 <= result["data_wait_pct"] <= 100 and result["images_per_s"] > 0
+
+
+def test_profile_step_plot_draws_the_ladder_and_the_phase_split(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    plot = tmp_path / "ladder.png"
+    assert main(["profile", "step", "--device", "cpu", "--json", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--rungs", "fp32,channels_last", "--plot", str(plot), *TINY]) == 0
+    json.loads(capsys.readouterr().out)  # --plot leaves stdout one JSON object
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size == (1000, 400)  # two panels, 10 x 4 inches at 100 dpi
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is not None and len(colours) > 10  # bars, axes and labels, not a blank canvas

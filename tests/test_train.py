@@ -61,20 +61,25 @@ def test_golden_losses(demo_json, tmp_path):
     assert Path(result["backbone"]).is_file()
 
 
-@pytest.mark.parametrize("stop, position", [
-    (["train.max_steps=6"], (6, 1, 2)),  # the final checkpoint of a run cut short mid-epoch 1
-    (["train.max_steps=6", "train.ckpt_every=3"], (6, 1, 2)),  # a periodic checkpoint mid-epoch
-    (["train.max_steps=8"], (8, 1, 4)),  # the checkpoint at the end of epoch 1
-], ids=["final", "periodic", "epoch-end"])
-def test_resume_is_exact(demo_json, tmp_path, stop, position):
+@pytest.mark.parametrize("loader, stop, position", [
+    ("torch", ["train.max_steps=6"], (6, 1, 2)),  # the final checkpoint of a run cut short mid-epoch 1
+    ("torch", ["train.max_steps=6", "train.ckpt_every=3"], (6, 1, 2)),  # a periodic checkpoint mid-epoch
+    ("torch", ["train.max_steps=8"], (8, 1, 4)),  # the checkpoint at the end of epoch 1
+    ("dali", ["train.max_steps=6"], (6, 1, 2)),  # DALI: its pipeline's checkpoint, in the training one
+], ids=["final", "periodic", "epoch-end", "dali"])
+def test_resume_is_exact(demo_json, tmp_path, loader, stop, position):
     # 32 images / batch 8 = 4 steps per epoch. step_in_epoch counts the steps of `epoch` already done.
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    common = ["train.epochs=3", f"data.loader={loader}"]
     full = tmp_path / "full"
-    train(tiny_cfg(demo_json, full, "train.max_steps=10", "train.epochs=3"))
+    train(tiny_cfg(demo_json, full, "train.max_steps=10", *common))
     part = tmp_path / "part"
-    train(tiny_cfg(demo_json, part, "train.epochs=3", *stop))
+    train(tiny_cfg(demo_json, part, *common, *stop))
     state = load_checkpoint(list_checkpoints(part)[-1])
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == position
-    result = train(tiny_cfg(demo_json, part, "train.max_steps=10", "train.epochs=3", "train.resume=auto"))
+    assert [d["kind"] for d in state["data"]] == [loader]
+    result = train(tiny_cfg(demo_json, part, "train.max_steps=10", *common, "train.resume=auto"))
     assert result["step"] == 10
     a, b = losses(full), losses(part)
     for k in range(position[0] + 1, 11):
@@ -300,6 +305,35 @@ def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
     assert not torch.equal(fresh["online.backbone.conv1.weight"], r0["model"]["online.backbone.conv1.weight"])
     assert len(list_checkpoints(tmp_path / "run")) == 1  # rank 0 alone writes
     assert proc.stdout.count("fastemd: finished") == 1  # rank 0 alone prints
+
+
+def test_ddp_resume_with_dali_restores_each_ranks_pipeline(demo_json, tmp_path):
+    """Two gloo ranks with the DALI loader: the checkpoint gathers both ranks' pipeline states, and
+    a resumed run ends with the parameters of an uninterrupted one, to the bit."""
+    pytest.importorskip("nvidia.dali")
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(_DDP_SCRIPT)
+
+    def launch(name, *extra):
+        result_dir = tmp_path / name
+        result_dir.mkdir(exist_ok=True)
+        overrides = [*TINY, f"data.sources={demo_json}", f"train.out_dir={tmp_path / name / 'run'}",
+                     "data.batch_size=4", "data.loader=dali", *extra]  # 32 images: 4 steps per epoch
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+               str(_free_port()), str(script), *overrides, str(result_dir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return torch.load(result_dir / "rank0.pt", weights_only=True)["params"]
+
+    full = launch("full", "train.max_steps=4")
+    launch("part", "train.max_steps=2")
+    state = load_checkpoint(list_checkpoints(tmp_path / "part" / "run")[-1])
+    assert [d["kind"] for d in state["data"]] == ["dali", "dali"]
+    assert [(d["epoch"], d["step"]) for d in state["data"]] == [(0, 2), (0, 2)]
+    assert state["data"][0]["dali"] != state["data"][1]["dali"]  # each rank's own reader and RNGs
+    resumed = launch("part", "train.max_steps=4", "train.resume=auto")
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
 
 
 def test_compiled_step_traces_with_aot_eager(demo_json, tmp_path):

@@ -22,6 +22,16 @@ if ! $py -c "import fastemd.kernels, fastemd.pipelines" 2>/dev/null; then
   $py -m pip install --no-deps --no-build-isolation -q -e "$repo" > install.log 2>&1 \
     || { echo "gpu_check: cannot install fastemd (see $logs/install.log)"; exit 1; }
 fi
+# DALI and pycocotools, absent from the GPU image, travel as .device/part* (tools/device_bundle.sh):
+# unpacked into this interpreter's site-packages once every part is there and the sum matches.
+if [ -f "$repo/.device/part1/MANIFEST" ] && ! $py -c "import nvidia.dali" 2>/dev/null; then
+  site=$($py -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  if bash "$repo/tools/device_unpack.sh" "$repo/.device" "$site" > bundle.log 2>&1; then
+    echo "gpu_check: $(tail -1 bundle.log)" >&2
+  else
+    echo "gpu_check: no DALI: $(tail -1 bundle.log)" >&2
+  fi
+fi
 {
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"
   $py - <<'PY'
