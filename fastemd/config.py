@@ -74,7 +74,6 @@ class OptimConfig:
     momentum: float = 0.9
     eta: float = 1e-3  # LARS trust coefficient
     warmup_epochs: float = 10.0
-    use_apex: bool = False  # NVIDIA apex fused LARS when importable; torch path otherwise
 
 
 @dataclass

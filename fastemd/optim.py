@@ -25,7 +25,6 @@ checkpoint, trivial to test and plot.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -137,8 +136,6 @@ def build_optimizer(model: nn.Module, cfg) -> LARS:
     params = model.online_parameters() if hasattr(model, "online_parameters") else model.parameters()
     if cfg.name not in ("lars", "sgd"):
         raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (lars or sgd)")
-    if cfg.use_apex:
-        warnings.warn("optim.use_apex: no apex LARS path is built in; using the torch foreach LARS", stacklevel=2)
     return LARS(
         param_groups_by_shape(params),
         lr=0.0,

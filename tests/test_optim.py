@@ -142,7 +142,7 @@ def test_build_optimizer_names():
     assert not any(g["trust_ratio"] for g in sgd.param_groups)
     assert all(g["lr"] == 0.0 for g in lars.param_groups)
     with pytest.raises(ValueError, match="unknown optimizer"):
-        build_optimizer(net, SimpleNamespace(name="adam", use_apex=False))
+        build_optimizer(net, SimpleNamespace(name="adam"))
 
 
 class _HostSync(RuntimeError):
