@@ -54,3 +54,17 @@ def test_profile_step_plot_draws_the_ladder_and_the_phase_split(tmp_path, capsys
         assert image.format == "PNG" and image.size == (1000, 400)  # two panels, 10 x 4 inches at 100 dpi
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is not None and len(colours) > 10  # bars, axes and labels, not a blank canvas
+
+
+def test_profile_step_trace_is_a_chrome_trace_of_whole_steps(tmp_path, capsys):
+    trace_dir = tmp_path / "traces"
+    assert main(["profile", "step", "--device", "cpu", "--json", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--rungs", "fp32", "--trace", str(trace_dir), *TINY]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trace"] == str(trace_dir / "step_trace.json")
+    events = json.loads((trace_dir / "step_trace.json").read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    # the whole step: convolutions forward and backward, the EMD op both ways, LARS's norms, the EMA
+    for op in ("aten::convolution", "aten::convolution_backward", "fastemd::emd_forward", "fastemd::emd_backward",
+               "aten::_foreach_norm", "aten::_foreach_lerp_"):
+        assert op in names, op
