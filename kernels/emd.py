@@ -7,8 +7,9 @@ For one image pair, X (M, C) and Y (N, C) with rows x_i, y_j:
                                                                <= EPS counts as the zero vector:
                                                                cost 1 to everything, no gradient)
     weights  a_i = 1/M, b_j = 1/N                              ("uniform", the default), or
-             a_i ~ relu(xh_i . mean_j yh_j) + FLOOR             ("cross", DeepEMD; detached,
-             b_j ~ relu(yh_j . mean_i xh_i) + FLOOR              normalised to sum 1)
+             a_i ~ relu(x_i . mean_j y_j) + FLOOR               ("cross", DeepEMD, on the raw
+             b_j ~ relu(y_j . mean_i x_i) + FLOOR                features; detached, normalised
+                                                               to sum 1)
     Sinkhorn pi = argmin <C, pi> - gamma H(pi) s.t. pi 1 = a, pi^T 1 = b, solved in the log
              domain from f = 0, n_iters times, each iteration updating g then f:
                  g_j <- gamma log b_j - gamma logsumexp_i((f_i - c_ij) / gamma)
@@ -73,21 +74,21 @@ def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.bmm(xh, yh.transpose(1, 2))  # (B, M, N)
 
 
-def marginals(cost: torch.Tensor, weights: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log marginals (log a (B, M), log b (B, N)) for a detached cost (B, M, N).
+def marginals(gram: torch.Tensor, weights: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log marginals (log a (B, M), log b (B, N)) from the detached raw Gram matrix
+    gram_ij = x_i . y_j (B, M, N).
 
-    "cross" uses xh_i . mean_j yh_j = mean_j (1 - c_ij): the same number as the DeepEMD
-    formula on the normalised features, computed from the cost so that no extra pass over
-    the channels is needed (the Triton kernel does the same).
+    "cross" (SPEC 2.2, DeepEMD) is relu(x_i . mean_j y_j) + FLOOR on the raw features:
+    x_i . mean_j y_j = mean_j gram_ij, so no extra pass over the channels is needed (the
+    Triton kernel does the same with its Gram accumulator).
     """
-    B, M, N = cost.shape
+    B, M, N = gram.shape
     if weights == "uniform":
-        log_a = cost.new_full((B, M), -math.log(M))
-        log_b = cost.new_full((B, N), -math.log(N))
+        log_a = gram.new_full((B, M), -math.log(M))
+        log_b = gram.new_full((B, N), -math.log(N))
         return log_a, log_b
-    sim = 1.0 - cost
-    a = torch.relu(sim.mean(dim=2)) + CROSS_FLOOR  # (B, M)
-    b = torch.relu(sim.mean(dim=1)) + CROSS_FLOOR  # (B, N)
+    a = torch.relu(gram.mean(dim=2)) + CROSS_FLOOR  # (B, M)
+    b = torch.relu(gram.mean(dim=1)) + CROSS_FLOOR  # (B, N)
     a = a / a.sum(dim=1, keepdim=True)
     b = b / b.sum(dim=1, keepdim=True)
     return a.log(), b.log()
@@ -158,7 +159,7 @@ def _torch_forward(x, y, gamma: float, n_iters: int, cross: bool):
     # Normalise the (B, M, N) Gram matrix, not the (B, M, C) features (as the kernel does).
     gram = torch.bmm(xf, yf.transpose(1, 2))  # (B, M, N)
     cost = 1.0 - gram * inv_x.unsqueeze(2) * inv_y.unsqueeze(1)  # (B, M, N)
-    log_a, log_b = marginals(cost, "cross" if cross else "uniform")
+    log_a, log_b = marginals(gram, "cross" if cross else "uniform")
     plan = sinkhorn_log(cost, log_a, log_b, gamma, n_iters)  # (B, M, N)
     weighted = (1.0 - cost) * plan  # (B, M, N)
     s = weighted.sum(dim=(1, 2))  # (B,)
@@ -204,8 +205,10 @@ def emd_similarity_reference(
     test oracle for the custom op's hand-written backward, and in the benchmark.
     """
     dt = _compute_dtype(x)
-    cost = cosine_cost(x.to(dt), y.to(dt))  # (B, M, N)
-    log_a, log_b = marginals(cost.detach(), weights)  # detached in both modes
+    xf, yf = x.to(dt), y.to(dt)
+    cost = cosine_cost(xf, yf)  # (B, M, N)
+    with torch.no_grad():  # detached in both modes
+        log_a, log_b = marginals(torch.bmm(xf, yf.transpose(1, 2)), weights)
     sink_cost = cost.detach() if grad == "envelope" else cost
     plan = sinkhorn_log(sink_cost, log_a, log_b, gamma, n_iters)  # (B, M, N)
     s = ((1.0 - cost) * plan).sum(dim=(1, 2))  # (B,)

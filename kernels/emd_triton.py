@@ -9,7 +9,7 @@ Forward, one launch (`_emd_fwd_kernel`):
     1. one pass over the channels, BLOCK_C at a time:  acc_ij = x_i . y_j  (tl.dot, fp32
        accumulation; fp16/bf16 products are exact in fp32), |x_i|^2, |y_j|^2;
     2. cost c_ij = 1 - acc_ij / (|x_i| |y_j|)  (rows with norm <= EPS: cost 1, no gradient);
-    3. marginals a, b (uniform, or DeepEMD "cross" from the row/column means of 1 - c);
+    3. marginals a, b (uniform, or DeepEMD "cross" from the row/column means of acc);
     4. n_iters Sinkhorn iterations in registers, in the same order as the log-domain
        reference (g then f, from f = 0), in one of two forms picked by the launcher:
          log form (gamma < MULT_MIN_GAMMA), 2 M N exps per iteration:
@@ -177,10 +177,10 @@ if HAS_TRITON:
         cost = tl.where(valid, cost, 0.0)
 
         # 3. Marginals a (BM,), b (BN,); zero on the padding.
-        if CROSS:
-            sim = tl.where(valid, 1.0 - cost, 0.0)
-            a = tl.maximum(tl.sum(sim, axis=1) / N, 0.0) + CROSS_FLOOR
-            b = tl.maximum(tl.sum(sim, axis=0) / M, 0.0) + CROSS_FLOOR
+        if CROSS:  # relu(x_i . mean_j y_j) + floor on the raw features: row means of acc
+            raw = tl.where(valid, acc, 0.0)
+            a = tl.maximum(tl.sum(raw, axis=1) / N, 0.0) + CROSS_FLOOR
+            b = tl.maximum(tl.sum(raw, axis=0) / M, 0.0) + CROSS_FLOOR
             a = tl.where(mask_m, a, 0.0)
             b = tl.where(mask_n, b, 0.0)
             a = a / tl.sum(a, axis=0)
