@@ -141,6 +141,26 @@ def test_resume_from_state_dict_repeats_the_augmentations(tmp_path, caplog):
     assert not torch.equal(fresh_views[0][0], full[3][0])
 
 
+def test_resume_after_a_skipped_bad_file_repeats_the_augmentations(tmp_path, caplog):
+    files = _dataset(tmp_path, n=20)
+    first = _loader(files, on_bad_file="skip")
+    bad = files[int(first.shard(2)[1][2])]  # read at step 1: the pipeline is rebuilt there
+    Path(bad).write_bytes(Path(bad).read_bytes()[:100])
+    batches = iter(first.epoch(2))
+    for _ in range(3):
+        next(batches)
+    state = first.state_dict()
+    assert state["bad"] and state["bad"][0][0] == bad and state["base_step"] in (0, 1)
+    rest = list(batches)  # steps 3 and 4 of the uninterrupted run
+
+    resumed = _loader(files, on_bad_file="skip")
+    resumed.load_state_dict(state)
+    again = list(resumed.epoch(2, start_step=3))
+    assert len(again) == len(rest) == 2
+    for (a1, a2), (b1, b2) in zip(rest, again):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
 def test_state_at_the_end_of_an_epoch_carries_no_pipeline(tmp_path):
     loader = _loader(_dataset(tmp_path, n=8))
     list(loader.epoch(0))
