@@ -7,11 +7,14 @@ data-loader state (`data`: one dict per rank), the resolved config and the git r
 
 Writing: to `step_X.pt.tmp` in the same folder, flush + fsync, rename over the final name,
 fsync the folder. A crash at any point leaves either the old set of checkpoints or the new one,
-never a half-written file under a final name. Older checkpoints beyond `keep_last` are removed
-only after the new one is in place.
+never a half-written file under a final name. Older checkpoints (lower step numbers) beyond
+`keep_last` are removed only after the new one is in place; pruning never removes the new one,
+nor anything numbered above it.
 
 Reading (`--resume auto`): the newest checkpoint that loads; a truncated or corrupt one is
-reported with a warning and the one before it is used.
+reported with a warning and the one before it is used. The trainer then renames every
+checkpoint numbered above the one it resumed from to `step_X.pt.stale` (`set_aside_newer`):
+kept, but never again mistaken for the newest.
 """
 
 from __future__ import annotations
@@ -38,13 +41,31 @@ def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint's file name carries (step_00001234.pt -> 1234)."""
+    return int(_NAME.match(path.name).group(1))
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Checkpoints under out_dir, oldest first (by step number, not by file time)."""
     folder = Path(out_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=checkpoint_step)
+
+
+def set_aside_newer(out_dir: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints numbered above `step` to `*.stale` (a run resumed from `step`
+    makes them another timeline); returns their new paths."""
+    moved = []
+    for path in list_checkpoints(out_dir):
+        if checkpoint_step(path) > step:
+            stale = path.with_name(path.name + ".stale")
+            os.replace(path, stale)
+            moved.append(stale)
+    if moved:
+        _fsync_dir(moved[0].parent)
+    return moved
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -69,7 +90,8 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int)
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
+    older = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) < step]
+    for old in older[:max(0, len(older) - (keep_last - 1))]:  # keep_last counts the new one
         old.unlink(missing_ok=True)
     return path
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -370,6 +371,10 @@ _CHOICES = {
 
 def validate(cfg: Config) -> None:
     """Check values that a type alone cannot: choices and ranges."""
+    for section in _sections():  # nan passes every range check below, and inf is not TOML
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{name} must be a finite number, got {value!r}")
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -377,7 +382,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}")
     positive = ["data.batch_size", "data.view1_size", "data.view2_size", "model.width", "model.proj_hidden",
                 "model.proj_dim", "model.pred_hidden", "loss.gamma", "loss.n_iters", "train.grad_accum",
-                "train.epochs", "train.keep_last", "log.every"]
+                "train.epochs", "train.keep_last", "train.max_bad_steps", "log.every"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
@@ -387,6 +392,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(cfg, section), name)!r}")
+    if cfg.data.batch_size < 2:
+        raise ConfigError("data.batch_size must be >= 2: BatchNorm needs two samples per rank to normalise over, "
+                          f"got {cfg.data.batch_size}")
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
         raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {cfg.data.crop_scale_min!r}")
     if not 0.0 <= cfg.ema.tau_base <= 1.0:

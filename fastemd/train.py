@@ -8,8 +8,8 @@ Run it as `fastemd train ...` (one process) or `torchrun --nproc_per_node=8 tool
 files; every rank runs the same number of steps.
 
 Host synchronisation: metrics stay on the device and are read (`.item()`) only on log steps.
-The one read per step is a single flag, "was this step's loss finite on every rank", taken
-before the optimizer step so that a non-finite step changes nothing (no LARS, no EMA, and the
+The one read per step is a single flag, "were this step's loss and gradients finite on every
+rank", taken before the optimizer step so that a non-finite step changes nothing (no LARS, no EMA, and the
 BatchNorm running statistics its forward touched are put back); with fp16 the GradScaler makes
 the same kind of read for the same reason.
 
@@ -39,11 +39,14 @@ import torch.distributed as dist
 from torch import nn
 
 from fastemd.checkpoint import (
+    CheckpointError,
+    git_revision,
+    list_checkpoints,
     load_checkpoint,
     load_latest,
-    git_revision,
     rng_state,
     save_checkpoint,
+    set_aside_newer,
     set_rng_state,
 )
 from fastemd.config import Config, to_toml
@@ -102,6 +105,24 @@ def resolve_data(cfg: Config, env: Env) -> list[str]:
             dist.barrier()  # rank 0 made the demo data; the others read it after
         sources = [str(ensure_demo_data())]
     return resolve_sources(sources)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows of metrics.jsonl past `step` (logged after the checkpoint a run resumes
+    from, and about to be logged again), and a last line a crash cut short; atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def choose_loader(kind: str) -> str:
@@ -220,8 +241,19 @@ def train(cfg: Config) -> dict:
                 say(f"fastemd: {resumed_from} holds the data state of {len(data_states)} rank(s), this run has "
                     f"{env.world_size}: the rest of epoch {epoch} reads the same images with fresh augmentations")
             say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)")
+            if env.main:  # what lies beyond `step` belongs to a timeline this run replaces
+                for stale in set_aside_newer(out_dir, step):
+                    say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
+                _trim_metrics(out_dir / "metrics.jsonl", step)
+    elif list_checkpoints(out_dir):
+        raise TrainingError(
+            f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run (newest "
+            f"{list_checkpoints(out_dir)[-1].name}): continue it with --resume auto, or start afresh "
+            "with another --train.out_dir (a new run here would prune them)"
+        )
     if start_in_epoch >= steps_per_epoch:
         epoch, start_in_epoch = epoch + 1, 0
+    first_step = step
     if not resumed_from:
         torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seeds for anything random after init
 
@@ -245,7 +277,8 @@ def train(cfg: Config) -> dict:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # purge_step: a resumed run drops the events its checkpoint had not reached
+            tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step if resumed_from else None)
         except ImportError:
             say("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
     say(f"fastemd: {len(files)} images, loader {loader_kind}, {env.world_size} rank(s) on {env.device.type}, "
@@ -320,8 +353,14 @@ def train(cfg: Config) -> dict:
                         window += parts / accum
                         loss_sum += parts[0]
 
-                    # The one host read per step: skip the update unless the loss is finite on all ranks.
-                    finite = torch.isfinite(loss_sum).float()
+                    # The one host read per step: skip the update unless the loss, and the gradients
+                    # (a finite loss can still back-propagate inf), are finite on all ranks. With fp16
+                    # the GradScaler judges the gradients itself (and lowers its scale).
+                    finite = torch.isfinite(loss_sum)
+                    if not scaler.is_enabled():
+                        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                        finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+                    finite = finite.float()
                     if env.distributed:
                         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                     if finite.item() == 1.0:
@@ -333,11 +372,11 @@ def train(cfg: Config) -> dict:
                         torch._foreach_copy_(buffers, buffers_before)
                         skipped += 1
                         bad_in_row += 1
-                        dash.print(f"step {step + 1}: non-finite loss; update skipped ({bad_in_row} in a row)",
+                        dash.print(f"step {step + 1}: non-finite loss or gradients; update skipped ({bad_in_row} in a row)",
                                    style="yellow")
                         if bad_in_row >= cfg.train.max_bad_steps:
                             raise TrainingError(
-                                f"{bad_in_row} non-finite losses in a row (step {step + 1}); stopping. "
+                                f"{bad_in_row} non-finite steps (loss or gradients) in a row (step {step + 1}); stopping. "
                                 f"Last good checkpoint: {last_ckpt or 'none yet'}. Lower optim.base_lr, "
                                 "try train.amp=bf16, or check the data"
                             )
@@ -400,11 +439,13 @@ def train(cfg: Config) -> dict:
                 break  # stopped by a signal or by max_steps inside the epoch
             if ended == "finished":
                 checkpoint()
-        except BadImageError as e:  # data.on_bad_file=stop: a clean stop, the last checkpoint untouched
-            raise TrainingError(f"stopping on a bad image (data.on_bad_file=stop): {e}. "
+        except BadImageError as e:  # a clean stop, the last checkpoint untouched
+            why = ("data.on_bad_file=stop" if cfg.data.on_bad_file == "stop"
+                   else "data.on_bad_file=skip found no decodable image to put in its place")
+            raise TrainingError(f"stopping on a bad image ({why}): {e}. "
                                 f"Last good checkpoint: {last_ckpt or 'none yet'}") from None
         except torch.cuda.OutOfMemoryError:
-            if step > 0:
+            if step > first_step:  # only the first step of this run says what the batch size does
                 raise
             raise TrainingError(
                 f"CUDA out of memory in the first step at data.batch_size={cfg.data.batch_size} per GPU "
@@ -443,7 +484,7 @@ def main(cfg: Config) -> int:
 
     try:
         result = train(cfg)
-    except (TrainingError, DataError) as e:
+    except (TrainingError, DataError, CheckpointError) as e:
         print(f"fastemd: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -62,6 +62,10 @@ def test_overrides_do_not_leak_between_presets():
     ("loss.gamma", "must look like --section.key=value"),
     ("loss.impl=cuda", "loss.impl: 'cuda' is not one of auto, triton, torch"),
     ("data.batch_size=0", "data.batch_size must be > 0"),
+    ("data.batch_size=1", "data.batch_size must be >= 2: BatchNorm needs two samples"),
+    ("optim.base_lr=nan", "optim.base_lr must be a finite number, got nan"),
+    ("loss.gamma=inf", "loss.gamma must be a finite number, got inf"),
+    ("train.max_bad_steps=0", "train.max_bad_steps must be > 0"),
 ])
 def test_bad_overrides_raise_one_line_errors(override, message):
     with pytest.raises(C.ConfigError) as err:

@@ -175,13 +175,74 @@ def test_nonfinite_in_a_row_stops_keeping_last_checkpoint(demo_json, tmp_path, m
 
     monkeypatch.setattr(SelfEMD, "forward", bad_after_two)
     # steps 3, 4, 5 are bad; step 2 and step 4 (the epoch end) were checkpointed before the stop
-    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row \(step 5\).*Last good checkpoint: .*step_00000004.pt"):
+    with pytest.raises(TrainingError, match=r"3 non-finite steps \(loss or gradients\) in a row \(step 5\).*Last good checkpoint: .*step_00000004.pt"):
         train(tiny_cfg(demo_json, tmp_path, "train.max_steps=10", "train.ckpt_every=2", "train.max_bad_steps=3"))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000004.pt"]
     state = load_checkpoint(list_checkpoints(tmp_path)[-1])
     assert state["skipped_steps"] == 2
     for key, value in state["model"].items():  # skipped steps left the weights untouched
         assert torch.isfinite(value.float()).all(), key
+
+
+def test_nonfinite_gradient_with_a_finite_loss_is_skipped(demo_json, tmp_path, monkeypatch):
+    from fastemd.model import SelfEMD
+
+    forward = SelfEMD.forward
+    count = {"n": 0}
+
+    def inf_gradient_at_step_2(self, v1, v2):
+        count["n"] += 1
+        out = forward(self, v1, v2)
+        if count["n"] == 2:  # the loss stays finite; one weight's gradient becomes inf
+            weight = next(p for n, p in self.named_parameters() if n.startswith("online.") and p.dim() == 4)
+            handle = weight.register_hook(lambda g: g * float("inf"))
+            count["handle"] = handle
+        elif "handle" in count:
+            count.pop("handle").remove()
+        return out
+
+    monkeypatch.setattr(SelfEMD, "forward", inf_gradient_at_step_2)
+    result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=3"))
+    assert result["skipped_steps"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["step"] == 2 and rows[1]["loss"] is not None  # finite loss, skipped all the same
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    for key, value in state["model"].items():
+        assert torch.isfinite(value.float()).all(), key
+
+
+def test_a_new_run_refuses_an_out_dir_holding_checkpoints(demo_json, tmp_path):
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=2"))
+    with pytest.raises(TrainingError, match=r"holds checkpoints of an earlier run \(newest step_00000002.pt\): "
+                                             r"continue it with --resume auto"):
+        train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt"]
+
+
+def test_resume_past_a_corrupt_newest_sets_it_aside_and_rewinds_the_metrics(demo_json, tmp_path):
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=2"))
+    newest = tmp_path / "checkpoints" / "step_00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a crash mid-copy, say
+    with pytest.warns(UserWarning, match="step_00000006.pt: cannot be read"):
+        result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=5", "train.ckpt_every=2", "train.keep_last=1",
+                                "train.resume=auto"))
+    assert result["step"] == 5 and result["ended"] == "finished"
+    # resumed from 4: the corrupt 6 is kept aside, and pruning (keep_last=1) kept the new 5
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005.pt"]
+    assert (tmp_path / "checkpoints" / "step_00000006.pt.stale").is_file()
+    assert load_latest(tmp_path)[1].name == "step_00000005.pt"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # rows 5 and 6 of the first run gave way to the resumed run's 5
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(demo_json, tmp_path):
+    from fastemd.checkpoint import save_checkpoint
+
+    for step in (2, 4, 9):
+        save_checkpoint({"step": step}, tmp_path, step, keep_last=5)
+    save_checkpoint({"step": 5}, tmp_path, 5, keep_last=2)  # 9 is above it: pruning leaves 9 and 5, drops 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004.pt", "step_00000005.pt",
+                                                             "step_00000009.pt"]
 
 
 @pytest.fixture()
@@ -213,6 +274,16 @@ def test_missing_source_is_one_clear_error(tmp_path, capsys):
     assert main(["train", "--preset", "demo", f"--data.sources={missing}", f"--train.out_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert str(missing) in err and err.count("\n") == 1
+
+
+def test_missing_resume_checkpoint_is_one_clear_error(demo_json, tmp_path, capsys):
+    from fastemd.cli import main
+
+    missing = tmp_path / "nope.pt"
+    assert main(["train", "--preset", "demo", *[f"--{o}" for o in TINY], f"--data.sources={demo_json}",
+                 f"--train.out_dir={tmp_path / 'run'}", "--resume", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"fastemd: error: {missing}: no such checkpoint file\n"
 
 
 def test_gradient_accumulation_halves_the_optimizer_steps(demo_json, tmp_path):
