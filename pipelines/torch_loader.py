@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,6 +188,13 @@ def _collate(samples):
     return torch.stack([s[0] for s in good]), torch.stack([s[1] for s in good]), failures
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM, scancel and Ctrl-C signal the whole process group: the workers leave SIGTERM and
+    SIGINT to the trainer, which finishes its step and checkpoints (the workers end with it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TorchTwoViewLoader:
     """Reference loader with the interface of `build_two_view_loader`."""
 
@@ -225,6 +233,7 @@ class TorchTwoViewLoader:
         loader = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
+            worker_init_fn=_ignore_stop_signals,
         )
         for v1, v2, failures in loader:
             for path, reason in failures:

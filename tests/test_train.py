@@ -319,6 +319,28 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_json, tmp_path):
         state["step"] % 4 == 0 and (state["epoch"], state["step_in_epoch"]) == (state["step"] // 4 - 1, 4))
 
 
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_sigterm_to_the_process_group_saves_a_checkpoint(demo_json, tmp_path, loader):
+    """SLURM and scancel signal the whole process group: loader workers included."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    out = tmp_path / "run"
+    overrides = [*TINY, f"data.sources={demo_json}", f"train.out_dir={out}", "train.max_steps=500",
+                 f"data.loader={loader}", "data.workers=2"]
+    cmd = [sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", *[f"--{o}" for o in overrides]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            start_new_session=True)  # its own process group, as under srun
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output
+    assert 2 <= load_checkpoint(list_checkpoints(out)[-1])["step"] < 500
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
