@@ -235,15 +235,33 @@ class TorchTwoViewLoader:
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
             worker_init_fn=_ignore_stop_signals,
         )
-        for v1, v2, failures in loader:
+        for step, (v1, v2, failures) in enumerate(loader, start=start_step):
             for path, reason in failures:
                 if self.on_bad_file == "stop":
                     raise BadImageError(path, reason)
                 log.warning("skipped %s: %s (replaced by another image of its batch)", path, reason)
                 self.skipped_files += 1
             if v1 is None:
-                raise BadImageError(failures[0][0], "every image of the batch failed to decode")
+                v1, v2 = self._refill(shard, epoch, step)
             yield self._finish(v1), self._finish(v2)
+
+    def _refill(self, shard: np.ndarray, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch whose images all failed: the next decodable images of this rank's shard, in
+        order after it (wrapping), decoded here in the main process (a rare path)."""
+        order = shard.reshape(-1)
+        start = (step + 1) * shard.shape[1]
+        good = []
+        for k in range(len(order)):
+            index = int(order[(start + k) % len(order)])
+            sample = self._dataset[(index, epoch, step, k)]
+            if not isinstance(sample[0], str):
+                good.append(sample)
+                if len(good) == self.batch_size:
+                    break
+        if not good:
+            raise BadImageError(self.files[int(shard[step][0])], "no decodable image left in this rank's shard")
+        good = good + [good[i % len(good)] for i in range(self.batch_size - len(good))]
+        return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good])
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         # uint8 crosses to the device (4x fewer bytes than float), normalised there. (B, S, S, 3)

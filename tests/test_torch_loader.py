@@ -76,6 +76,26 @@ def test_bad_file_skip_and_stop(tmp_path, caplog):
     assert info.value.path == str(bad)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_of_only_bad_files_is_refilled_from_the_shard(tmp_path, caplog, workers):
+    files = _dataset(tmp_path, n=8)
+    loader = _loader(files, batch_size=2, on_bad_file="skip", workers=workers)
+    first_batch = loader.shard(0)[0]
+    for index in first_batch:  # both images of step 0 truncated
+        Path(files[index]).write_bytes(Path(files[index]).read_bytes()[:200])
+    batches = list(loader.epoch(0))
+    assert len(batches) == loader.steps_per_epoch == 4
+    assert loader.skipped_files == 2
+    assert all(files[i] in caplog.text for i in first_batch)
+    # step 0 holds step 1's images (the next ones of the shard), augmented with step 0's draws
+    assert batches[0][0].shape == (2, 3, 32, 32) and torch.isfinite(batches[0][0]).all()
+    assert not torch.equal(batches[0][0], batches[1][0])
+    for index in loader.shard(0).reshape(-1)[2:]:
+        Path(files[index]).write_bytes(b"")
+    with pytest.raises(BadImageError, match="no decodable image left in this rank's shard"):
+        list(_loader(files, batch_size=2, on_bad_file="skip", workers=workers).epoch(0))
+
+
 def test_crop_sampler_matches_torchvision_rule():
     recipe = byol_recipes((224, 224))[0]
     rng = np.random.default_rng(0)
