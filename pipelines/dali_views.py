@@ -206,7 +206,7 @@ class DaliTwoViewLoader:
         base, checkpoint = start_step, None
         if resume is not None and (resume["epoch"], resume["step"]) == (epoch, start_step) and "dali" in resume:
             base, checkpoint = resume["base_step"], resume["dali"]
-        elif resume is not None and "dali" in resume:
+        elif resume is not None and "dali" in resume and resume["epoch"] == epoch:
             log.warning("DALI loader state saved at epoch %s step %s, resuming at epoch %d step %d: the "
                         "augmentations of the rest of this epoch are a fresh draw", resume.get("epoch"),
                         resume.get("step"), epoch, start_step)
@@ -246,13 +246,14 @@ class DaliTwoViewLoader:
                 f"DALI failed at step {step} ({first_line.strip()}), but every file of the batches "
                 f"{files[window[0]]} .. {files[window[-1]]} decodes on its own"
             ) from None
-        for offset, reason in bad:
-            i = window[offset]
-            if self.on_bad_file == "stop":
-                raise BadImageError(files[i], reason) from None
+        found = [(window[offset], reason) for offset, reason in bad]
+        if self.on_bad_file == "stop":
+            raise BadImageError(files[found[0][0]], found[0][1]) from None
+        for i, reason in found:  # all of them known before any replacement is picked
             log.warning("skipped %s: %s (replaced by the next file of this rank)", files[i], reason)
             self.skipped_files += 1
             self._bad[files[i]] = reason
+        for i, _ in found:
             files[i] = self._replacement(files, i)
 
     def _decoder_device(self) -> str:

@@ -140,6 +140,15 @@ def test_resume_from_state_dict_repeats_the_augmentations(tmp_path, caplog):
     fresh_views = list(_loader(files).epoch(2, start_step=3))
     assert not torch.equal(fresh_views[0][0], full[3][0])
 
+    # A state from the tail of an earlier epoch (grad_accum leaving a loader batch unread at its
+    # end): the next epoch starts afresh, as planned, and says nothing.
+    caplog.clear()
+    later = _loader(files)
+    later.load_state_dict(state)
+    with caplog.at_level("WARNING"):
+        assert len(list(later.epoch(3))) == 5
+    assert "fresh draw" not in caplog.text
+
 
 def test_resume_after_a_skipped_bad_file_repeats_the_augmentations(tmp_path, caplog):
     files = _dataset(tmp_path, n=20)
@@ -249,6 +258,18 @@ def test_bad_file_skip_and_stop(tmp_path, caplog):
     with pytest.raises(BadImageError, match="broken.jpg") as info:
         list(_loader(files, on_bad_file="stop").epoch(0))
     assert info.value.path == str(bad) and "truncated" in info.value.reason
+
+
+def test_neighbouring_bad_files_are_each_skipped_once(tmp_path, caplog):
+    files = _dataset(tmp_path, n=12, fmt="jpg")
+    loader = _loader(files, on_bad_file="skip")
+    plan = loader.shard(0).reshape(-1)
+    pair = [files[plan[5]], files[plan[6]]]  # neighbours in the rank's list: the first one's
+    for path in pair:                        # replacement would be the second
+        Path(path).write_bytes(Path(path).read_bytes()[:300])
+    assert len(list(loader.epoch(0))) == loader.steps_per_epoch
+    assert loader.skipped_files == 2
+    assert all(caplog.text.count(path) == 1 for path in pair)
 
 
 def test_dali_decoder_finds_a_bad_file_the_host_check_misses(tmp_path, monkeypatch):
