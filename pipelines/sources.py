@@ -7,7 +7,8 @@ A source is one of:
   json's file name; write ``ANN.json::IMAGE_DIR`` to name the folder explicitly.
 - a folder: every ``.jpg``, ``.jpeg`` and ``.png`` under it, recursively, sorted.
 - a manifest (any other file, e.g. the one ``fastemd check-data`` writes): one path a line,
-  ``#`` starts a comment, relative paths are relative to the manifest's folder.
+  lines starting with ``#`` are comments (a ``#`` inside a line is part of the file name),
+  relative paths are relative to the manifest's folder.
 Several sources are concatenated in the order given (COCO+ = train2017 + unlabeled2017).
 
 Epoch plan (shared by the DALI pipeline and the reference loader, so both give the same
@@ -114,9 +115,12 @@ def _manifest_images(manifest: Path) -> list[str]:
         raise DataError(f"{manifest}: not a text file; expected a manifest (one image path a line)") from None
     files = []
     for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            files.append(str((manifest.parent / line).resolve()))
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path = manifest.parent / line
+        if line != line.strip() and not path.exists():  # spaces around a path are layout, unless
+            path = manifest.parent / line.strip()        # the file's own name has them
+        files.append(str(path.resolve()))
     return files
 
 

@@ -83,6 +83,20 @@ def test_check_data_writes_manifest_and_report(tmp_path):
         assert expected[path.rsplit("/", 1)[1]] in reason
 
 
+def test_manifest_round_trips_file_names_with_hash_and_spaces(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    names = ["img#1.jpg", " lead.jpg", "a b.jpg"]
+    for name in names:
+        Image.new("RGB", (64, 48), (90, 120, 30)).save(folder / name)
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    manifest = tmp_path / "manifest.txt"
+    assert check.run(parser.parse_args([str(folder), "--manifest", str(manifest), "--report",
+                                        str(tmp_path / "bad.tsv"), "--workers", "1"])) == 0
+    assert resolve_sources([str(manifest)]) == sorted(str((folder / n).resolve()) for n in names)
+
+
 def test_check_data_names_a_missing_source(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     check.add_arguments(parser)

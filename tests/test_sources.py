@@ -59,7 +59,7 @@ def test_manifest_resolves_relative_paths_and_skips_comments(tmp_path):
     a = _image(tmp_path / "imgs" / "a.jpg")
     b = _image(tmp_path / "imgs" / "b.jpg")
     manifest = tmp_path / "manifest.txt"
-    manifest.write_text(f"# header\nimgs/a.jpg\n\n{b}  # absolute\n")
+    manifest.write_text(f"# header\n  imgs/a.jpg\n\n   # indented comment\n{b}\n")
     assert resolve_sources(str(manifest)) == [a, b]
 
 
