@@ -293,6 +293,7 @@ def train(cfg: Config) -> dict:
     window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None
     smooth = Meter()
     bad_in_row = 0
+    overflows = 0  # fp16 steps the GradScaler skipped
     last_ckpt: Path | None = Path(resumed_from) if resumed_from else None
     saved_at = step if resumed_from else -1
     ended = "finished"
@@ -364,9 +365,15 @@ def train(cfg: Config) -> dict:
                     if env.distributed:
                         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                     if finite.item() == 1.0:
+                        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
                         scaler.step(optimizer)
                         scaler.update()
-                        model.update_target(float(tau_sched[step]))
+                        if scaler.is_enabled() and scaler.get_scale() < scale:
+                            # fp16: the GradScaler met inf gradients, skipped LARS and lowered its
+                            # scale; the target stays too. Routine early on: not a bad step.
+                            overflows += 1
+                        else:
+                            model.update_target(float(tau_sched[step]))
                         bad_in_row = 0
                     else:
                         torch._foreach_copy_(buffers, buffers_before)
@@ -394,7 +401,7 @@ def train(cfg: Config) -> dict:
                         m = dict(zip(keys, means))
                         m.update(step=step, total_steps=run_steps, epoch=epoch, step_in_epoch=step_in_epoch + 1,
                                  loss_smooth=smooth.update(m["loss"]), lr=float(lr_sched[step - 1]),
-                                 tau=float(tau_sched[step - 1]), skipped_steps=skipped,
+                                 tau=float(tau_sched[step - 1]), skipped_steps=skipped, fp16_overflows=overflows,
                                  skipped_files=getattr(loader, "skipped_files", 0),
                                  peak_mem_gb=torch.cuda.max_memory_allocated(env.device) / 1e9 if cuda else None)
                         elapsed = now() - window_start
@@ -461,7 +468,7 @@ def train(cfg: Config) -> dict:
 
     result = {"out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
               "metrics": str(out_dir / "metrics.jsonl"), "step": step, "ended": ended,
-              "skipped_steps": skipped, "signal": stop.signum, "model": model}
+              "skipped_steps": skipped, "fp16_overflows": overflows, "signal": stop.signum, "model": model}
     if env.main and ended == "finished" and last_ckpt is not None:
         from fastemd.export import export_checkpoint
 
