@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import torch
@@ -172,9 +173,11 @@ def profile_step(args) -> dict:
             "speedup": None, "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "mfu": pair_flops * images_per_s / peak if peak else None,
         })
-    base = result["rungs"][0]["images_per_s"]
-    for r in result["rungs"]:
-        r["speedup"] = r["images_per_s"] / base
+        base = result["rungs"][0]["images_per_s"]
+        for r in result["rungs"]:
+            r["speedup"] = r["images_per_s"] / base
+        if args.json and rung != rung_list[-1]:  # the rungs so far, should a time limit cut the run
+            print(json.dumps({**result, "partial": True}), file=sys.stderr, flush=True)
     result["phases_ms"] = _phases(step, v1, v2, max(3, args.steps // 4))
     if args.trace:
         from torch.profiler import ProfilerActivity, profile

@@ -22,6 +22,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -162,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     rows = _make_rows(args, impls)
     machine = (torch.cuda.get_device_name(0) if device == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    header = {"device": device, "machine": machine, "dtype": str(dtype).removeprefix("torch."),
+              "gamma": args.gamma, "iters": args.iters, "torch": torch.__version__}
     results = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     for size in sizes:
@@ -196,10 +199,9 @@ def run(args: argparse.Namespace) -> int:
                 if name == "triton":
                     rec.update(_floor_seconds(B, size, size, C, dtype, machine))
                 results.append(rec)
-    report = {
-        "device": device, "machine": machine, "dtype": str(dtype).removeprefix("torch."),
-        "gamma": args.gamma, "iters": args.iters, "torch": torch.__version__, "results": results,
-    }
+            if args.json:  # the results so far on stderr, should a time limit cut the run
+                print(json.dumps({**header, "results": results, "partial": True}), file=sys.stderr, flush=True)
+    report = {**header, "results": results}
     if args.json:
         print(json.dumps(report))
         return 0

@@ -14,8 +14,11 @@ TINY = ["model.arch=resnet18", "model.width=8", "model.proj_hidden=32", "model.p
 def test_profile_step_ladder_json(capsys):
     assert main(["profile", "step", "--device", "cpu", "--json", "--batch", "4", "--steps", "2", "--warmup", "1",
                  "--rungs", "fp32,channels_last", *TINY]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert [r["rung"] for r in result["rungs"]] == ["fp32", "channels_last"]
+    partial = json.loads(captured.err.strip().splitlines()[-1])  # after each rung but the last, on stderr
+    assert partial["partial"] is True and [r["rung"] for r in partial["rungs"]] == ["fp32"]
     first = result["rungs"][0]
     assert first["speedup"] == 1.0
     assert first["images_per_s"] == pytest.approx(4 / (first["ms_per_step"] / 1000))

@@ -63,7 +63,7 @@ else
   # Sized so that the whole script stays under ~9 minutes even when every step hits its timeout
   # (one device-tool call is at most 10): compiles dominate, so few timed steps.
   step_args=(--batch 256 --steps 10 --warmup 3 --sweep)
-  emd_args=(--impls torch,compile,triton --batch 64,512 --sizes 25,49 --min-time 0.1)
+  emd_args=(--impls torch,compile,triton --batch 512,64 --sizes 49,25 --min-time 0.1)  # the design point first
   e2e_args=(--batch 256 --steps 20 --warmup 3 data.workers=8)
   data_args=(--pairs 2048 --batch-size 256 --workers 2)
 fi
@@ -102,6 +102,8 @@ rows = []
 tail = (logs / "tests_gpu.log").read_text().strip().splitlines()[-1:] if (logs / "tests_gpu.log").exists() else ["-"]
 rows.append(("gpu tests", tail[0] if tail else "-"))
 emd = last_json("profile_emd")
+if emd and emd.get("partial"):
+    rows.append(("emd", "cut short by its time limit: the sizes it finished"))
 if emd:  # the design point first: B 512, M = N 49, forward + backward
     recs = [r for r in emd["results"] if "fwd_bwd_s" in r]
     for (B, M) in sorted({(r["B"], r["M"]) for r in recs}, key=lambda k: (k[1] != 49, k[0] != 512, k)):
@@ -119,6 +121,8 @@ if emd:  # the issue's design point first: B 512, M = N 49, forward + backward
             break
 step = last_json("profile_step")
 if step:
+    if step.get("partial"):
+        rows.append(("step ladder", "cut short by its time limit: the rungs it finished"))
     for r in step["rungs"]:
         mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f} GB"
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
