@@ -9,9 +9,9 @@ files; every rank runs the same number of steps.
 
 Host synchronisation: metrics stay on the device and are read (`.item()`) only on log steps.
 The one read per step is a single flag, "were this step's loss and gradients finite on every
-rank", taken before the optimizer step so that a non-finite step changes nothing (no LARS, no EMA, and the
-BatchNorm running statistics its forward touched are put back); with fp16 the GradScaler makes
-the same kind of read for the same reason.
+rank", taken before the optimizer step so that a non-finite step changes nothing (no LARS, no
+EMA, and the BatchNorm running statistics its forward touched are put back); with fp16 the
+GradScaler makes the same kind of read for the same reason.
 
 Resume: a checkpoint holds the position (epoch, steps of it done) and every rank's data-loader
 state (for DALI, each rank's pipeline checkpoint: reader position and random generators), so
