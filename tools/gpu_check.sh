@@ -70,8 +70,9 @@ fi
 
 # --continue-on-collection-errors: a test file importing a package the GPU image lacks (pycocotools,
 # POT) must not stop the gpu tests of the other files.
-run tests_gpu 90 $py -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors "$repo/tests"
-run profile_emd 120 $py -m fastemd.cli profile emd --device $device --json "${emd_args[@]}"
+# -v: one line per test, so a run cut by its time limit still says which tests passed.
+run tests_gpu 120 $py -m pytest -m gpu -v -p no:cacheprovider --continue-on-collection-errors "$repo/tests"
+run profile_emd 90 $py -m fastemd.cli profile emd --device $device --json "${emd_args[@]}"
 run profile_step 240 $py -m fastemd.cli profile step --device $device --json "${step_args[@]}"
 # e2e on the demo dataset's image folder (a folder needs no pycocotools, absent from some GPU images)
 demo=$logs/demo-data
