@@ -322,6 +322,7 @@ def train(cfg: Config) -> dict:
         last_ckpt = save_checkpoint(state, out_dir, step, cfg.train.keep_last)
 
     done_in_epoch = start_in_epoch  # steps of `epoch` already done: where a resumed run starts
+    batches = None
     with StopSignal() as stop:
         try:
             while step < run_steps and epoch < cfg.train.epochs:
@@ -460,6 +461,8 @@ def train(cfg: Config) -> dict:
                 f"try --data.batch_size={max(cfg.data.batch_size // 2, 1)}"
             ) from None
         finally:
+            if batches is not None:  # shut the loader's workers down now, not at interpreter exit
+                batches.close()
             dash.close()
             if metrics_file:
                 metrics_file.close()

@@ -18,8 +18,10 @@ uninterrupted run would have produced, whatever the worker count.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import multiprocessing
 import signal
 from dataclasses import dataclass
 
@@ -188,11 +190,27 @@ def _collate(samples):
     return torch.stack([s[0] for s in good]), torch.stack([s[1] for s in good]), failures
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """SLURM, scancel and Ctrl-C signal the whole process group: the workers leave SIGTERM and
-    SIGINT to the trainer, which finishes its step and checkpoints (the workers end with it)."""
+    SIGINT to the trainer, which finishes its step and checkpoints, then shuts them down.
+    The workers are forked with both signals blocked (`epoch`), so none lands before this."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+_REAPER = False
+
+
+def _kill_leftover_workers() -> None:
+    # At interpreter exit multiprocessing terminates (SIGTERM) and joins the daemon children
+    # still alive: workers of a loader never shut down would ignore that and hang the exit.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class TorchTwoViewLoader:
@@ -225,6 +243,9 @@ class TorchTwoViewLoader:
         pass  # see state_dict; a DALI state (data.loader changed) has nothing this loader can use
 
     def epoch(self, epoch: int, start_step: int = 0):
+        global _REAPER
+        if self.workers and not _REAPER:  # registered after multiprocessing's: runs before it
+            _REAPER = bool(atexit.register(_kill_leftover_workers))
         shard = self.shard(epoch)
         batches = [
             [(int(index), epoch, step, slot) for slot, index in enumerate(shard[step])]
@@ -235,7 +256,16 @@ class TorchTwoViewLoader:
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
             worker_init_fn=_ignore_stop_signals,
         )
-        for step, (v1, v2, failures) in enumerate(loader, start=start_step):
+        # Workers start (fork) with the stop signals blocked: torch's worker start-up installs a
+        # SIGTERM handler that dies on a signal from anyone but the parent, before our
+        # worker_init_fn can ignore it. The trainer gets a signal sent meanwhile on unblocking.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if self.workers else None
+        try:
+            batch_iter = iter(loader)
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for step, (v1, v2, failures) in enumerate(batch_iter, start=start_step):
             for path, reason in failures:
                 if self.on_bad_file == "stop":
                     raise BadImageError(path, reason)
