@@ -168,8 +168,9 @@ def _torch_forward(x, y, gamma: float, n_iters: int, cross: bool):
     return s, plan, aux_x, aux_y
 
 
-def _torch_backward(grad_s, x, y, plan, aux_x, aux_y):
-    """Envelope gradient with the plan constant: ds/dx_i = (g_i - r_i xh_i) / |x_i|.
+def _torch_backward(grad_s, x, y, plan, aux_x, aux_y, need_x=True, need_y=True):
+    """Envelope gradient with the plan constant: ds/dx_i = (g_i - r_i xh_i) / |x_i|; a side
+    not needed (Self-EMD's target map has no gradient) is an empty (0,) tensor.
 
     Written as Q @ y + x * coef with Q_ij = go pi_ij / (|x_i| |y_j|), so each (B, M, C)
     tensor is touched by one multiply and one batched matmul (broadcast multiplies over
@@ -183,11 +184,12 @@ def _torch_backward(grad_s, x, y, plan, aux_x, aux_y):
     coef_x = (-go * r_x * inv_x * inv_x).unsqueeze(2)  # (B, M, 1)
     coef_y = (-go * r_y * inv_y * inv_y).unsqueeze(2)  # (B, N, 1)
     xf, yf = x.to(dt), y.to(dt)
-    gx = torch.baddbmm(xf * coef_x, q, yf)  # (B, M, C)
-    gy = torch.baddbmm(yf * coef_y, q.transpose(1, 2), xf)  # (B, N, C)
     # Contiguous whatever the inputs' strides (as the Triton launcher and the fake impl):
     # one layout contract for every implementation of the op.
-    return gx.to(x.dtype).contiguous(), gy.to(y.dtype).contiguous()
+    gx = torch.baddbmm(xf * coef_x, q, yf).to(x.dtype).contiguous() if need_x else x.new_empty((0,))  # (B, M, C)
+    gy = (torch.baddbmm(yf * coef_y, q.transpose(1, 2), xf).to(y.dtype).contiguous() if need_y
+          else y.new_empty((0,)))  # (B, N, C)
+    return gx, gy
 
 
 def emd_similarity_reference(
@@ -265,20 +267,23 @@ def _emd_backward(
     aux_x: torch.Tensor,
     aux_y: torch.Tensor,
     impl: str,
+    need_x: bool,
+    need_y: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(device_type=x.device.type, enabled=False):
         if impl == "triton":
             from . import emd_triton
 
-            return emd_triton.emd_backward(grad_s, x, y, plan, aux_x, aux_y)
-        return _torch_backward(grad_s, x, y, plan, aux_x, aux_y)
+            return emd_triton.emd_backward(grad_s, x, y, plan, aux_x, aux_y, need_x, need_y)
+        return _torch_backward(grad_s, x, y, plan, aux_x, aux_y, need_x, need_y)
 
 
 @_emd_backward.register_fake
-def _(grad_s, x, y, plan, aux_x, aux_y, impl):
+def _(grad_s, x, y, plan, aux_x, aux_y, impl, need_x, need_y):
     # Contiguous gradients, not empty_like: the inputs are often transposed views of
     # channels_last maps, and both real implementations return contiguous tensors.
-    return x.new_empty(x.shape), y.new_empty(y.shape)
+    return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+            y.new_empty(y.shape) if need_y else y.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -292,10 +297,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_s, grad_plan, grad_aux_x, grad_aux_y):
     # The plan and the aux outputs are constants (envelope theorem): their grads are ignored.
     x, y, plan, aux_x, aux_y = ctx.saved_tensors
-    if grad_s is None:
+    need_x, need_y = ctx.needs_input_grad[:2]  # Self-EMD's target map (y) needs none
+    if grad_s is None or not (need_x or need_y):
         return None, None, None, None, None, None
-    gx, gy = _emd_backward(grad_s.contiguous(), x, y, plan, aux_x, aux_y, ctx.impl)
-    return gx, gy, None, None, None, None
+    gx, gy = _emd_backward(grad_s.contiguous(), x, y, plan, aux_x, aux_y, ctx.impl, need_x, need_y)
+    return gx if need_x else None, gy if need_y else None, None, None, None, None
 
 
 torch.library.register_autograd("fastemd::emd_forward", _backward, setup_context=_setup_context)

@@ -29,13 +29,14 @@ Forward, one launch (`_emd_fwd_kernel`):
     pi_ij] (what backward needs; never any per-iteration value).
 
 Backward (`_emd_bwd_kernel`, one launch, no host synchronisation), the envelope gradient
-(the plan is a constant, SPEC 2.5), two programs per pair (one per side), one pass over
-the channels each:
+(the plan is a constant, SPEC 2.5), one program per pair and side that needs a gradient
+(Self-EMD's target map needs none), one pass over the channels each:
     dx_i = go * (sum_j pi_ij yh_j - r_i xh_i) / |x_i|,  dy_j = go * (sum_i pi_ij xh_i - r_j yh_j) / |y_j|.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -67,8 +68,14 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
 
 
-def check_supported(x: torch.Tensor, M: int, N: int, gamma: float) -> None:
+def check_supported(x: torch.Tensor, M: int, N: int, gamma: float, y: torch.Tensor | None = None) -> None:
     """Raise a ValueError naming the limit when the fused kernel cannot take this input."""
+    if y is not None and (y.dtype != x.dtype or y.device != x.device or y.dim() != 3
+                          or y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]):
+        raise ValueError(
+            f'emd_similarity(impl="triton"): y must be (B, N, C) = ({x.shape[0]}, N, {x.shape[2]}) '
+            f"like x, with x's dtype {x.dtype} and device {x.device}; got {tuple(y.shape)}, {y.dtype}, {y.device}"
+        )
     if not HAS_TRITON:
         raise ValueError('emd_similarity(impl="triton"): triton is not installed')
     if not (x.is_cuda or _interpreted()):
@@ -105,6 +112,16 @@ def _launch_config(M: int, N: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=16, num_warps=8)
     large = BLOCK_M * BLOCK_N > 64 * 64
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=32, num_warps=8 if large else 4)
+
+
+def _bwd_launch_config(M: int, N: int, dtype: torch.dtype) -> dict:
+    # The backward's dot multiplies the fp32 plan by fp32 unit features, for every input dtype:
+    # fp32 inputs take the FMA dot ("ieee"), fp16/bf16 ones 3xTF32 ("tf32x3": tensor cores, about
+    # fp32's accuracy). Plain tf32 is not enough: sum_j pi_ij yh_j - r_i xh_i cancels when the
+    # two views agree (as training makes them), and tf32's truncated operands left 7% errors in
+    # the gradient there. Both fit BLOCK_C = 16 and 8 warps without spills (AOT, sm_80/90).
+    return dict(BLOCK_M=_block(M), BLOCK_N=_block(N), BLOCK_C=16, num_warps=8,
+                DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "tf32x3")
 
 
 if HAS_TRITON:
@@ -292,15 +309,18 @@ if HAS_TRITON:
         M,
         N,
         C,
+        SIDES: tl.constexpr,  # 2: both gradients; 1: FIRST_SIDE's only
+        FIRST_SIDE: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        # Two programs per pair, launched side by side (grid (2, B)) so the second one finds
-        # the pair's features in L2: side 0 writes grad_x, side 1 writes grad_y.
-        side = tl.program_id(0)
-        pid = tl.program_id(1).to(tl.int64)
+        # SIDES programs per pair, launched side by side (grid (SIDES B,), on grid axis x,
+        # which has no 65535 cap) so the second one finds the pair's features in L2: side 0
+        # writes grad_x, side 1 writes grad_y.
+        side = FIRST_SIDE + tl.program_id(0) % SIDES
+        pid = (tl.program_id(0) // SIDES).to(tl.int64)
         go = tl.load(grad_s_ptr + pid)
         plan_base = plan_ptr + pid * M * N
         if side == 0:
@@ -313,11 +333,17 @@ if HAS_TRITON:
                           N, M, C, DOT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_C)
 
 
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current device: make it x's (a tensor on cuda:1 while cuda:0 is
+    current would fail, or with peer access run on the wrong GPU and stream)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def emd_forward(x: torch.Tensor, y: torch.Tensor, gamma: float, n_iters: int, cross: bool):
     """Launcher: (s (B,), plan (B, M, N), aux_x (B, M, 2), aux_y (B, N, 2)), all fp32."""
     B, M, C = x.shape
     N = y.shape[1]
-    check_supported(x, M, N, gamma)
+    check_supported(x, M, N, gamma, y)
     x = x.contiguous()
     y = y.contiguous()
     s = torch.empty(B, device=x.device, dtype=torch.float32)
@@ -326,38 +352,40 @@ def emd_forward(x: torch.Tensor, y: torch.Tensor, gamma: float, n_iters: int, cr
     aux_y = torch.empty(B, N, 2, device=x.device, dtype=torch.float32)
     if B == 0:
         return s, plan, aux_x, aux_y
-    _emd_fwd_kernel[(B,)](
-        x, y, s, plan, aux_x, aux_y, M, N, C, float(gamma), int(n_iters),
-        EPS=EPS,
-        CROSS_FLOOR=CROSS_FLOOR,
-        CROSS=bool(cross),
-        LOG_DOMAIN=gamma < MULT_MIN_GAMMA,
-        # The interpreter's bf16 arithmetic is wrong: it takes the fp32 path (same numbers,
-        # since half products are exact in fp32).
-        HALF_DOT=x.dtype != torch.float32 and not _interpreted(),
-        DOT_PRECISION=FP32_DOT_PRECISION,
-        **_launch_config(M, N, x.dtype),
-    )
+    with _on_device(x):
+        _emd_fwd_kernel[(B,)](
+            x, y, s, plan, aux_x, aux_y, M, N, C, float(gamma), int(n_iters),
+            EPS=EPS,
+            CROSS_FLOOR=CROSS_FLOOR,
+            CROSS=bool(cross),
+            LOG_DOMAIN=gamma < MULT_MIN_GAMMA,
+            # The interpreter's bf16 arithmetic is wrong: it takes the fp32 path (same numbers,
+            # since half products are exact in fp32).
+            HALF_DOT=x.dtype != torch.float32 and not _interpreted(),
+            DOT_PRECISION=FP32_DOT_PRECISION,
+            **_launch_config(M, N, x.dtype),
+        )
     return s, plan, aux_x, aux_y
 
 
-def emd_backward(grad_s, x, y, plan, aux_x, aux_y):
-    """Launcher of the envelope backward: (grad_x, grad_y) in the inputs' dtype."""
+def emd_backward(grad_s, x, y, plan, aux_x, aux_y, need_x: bool = True, need_y: bool = True):
+    """Launcher of the envelope backward: (grad_x, grad_y) in the inputs' dtype; a side not
+    needed is an empty (0,) tensor and costs nothing (Self-EMD's target side needs none)."""
     B, M, C = x.shape
     N = y.shape[1]
     x = x.contiguous()
     y = y.contiguous()
-    grad_x = torch.empty_like(x)
-    grad_y = torch.empty_like(y)
-    if B == 0:
+    grad_x = torch.empty_like(x) if need_x else x.new_empty((0,))
+    grad_y = torch.empty_like(y) if need_y else y.new_empty((0,))
+    sides = int(need_x) + int(need_y)
+    if B == 0 or sides == 0:
         return grad_x, grad_y
-    _emd_bwd_kernel[(2, B)](
-        grad_s.float().contiguous(), x, y, plan.contiguous(), aux_x.contiguous(),
-        aux_y.contiguous(), grad_x, grad_y, M, N, C,
-        # tf32 carries fp16's 10-bit mantissa: enough for a gradient stored in fp16/bf16.
-        DOT_PRECISION=FP32_DOT_PRECISION if x.dtype == torch.float32 else "tf32",
-        **_launch_config(M, N, x.dtype),
-    )
+    with _on_device(x):
+        _emd_bwd_kernel[(sides * B,)](
+            grad_s.float().contiguous(), x, y, plan.contiguous(), aux_x.contiguous(),
+            aux_y.contiguous(), grad_x if need_x else x, grad_y if need_y else y, M, N, C,
+            SIDES=sides, FIRST_SIDE=0 if need_x else 1, **_bwd_launch_config(M, N, x.dtype),
+        )
     return grad_x, grad_y
 
 
@@ -379,8 +407,9 @@ class EMDSimilarityFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s, grad_plan):
         x, y, plan, aux_x, aux_y = ctx.saved_tensors
-        grad_x, grad_y = emd_backward(grad_s, x, y, plan, aux_x, aux_y)
-        return grad_x, grad_y, None, None, None
+        need_x, need_y = ctx.needs_input_grad[:2]
+        grad_x, grad_y = emd_backward(grad_s, x, y, plan, aux_x, aux_y, need_x, need_y)
+        return grad_x if need_x else None, grad_y if need_y else None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,10 +442,11 @@ def aot_resource_usage(
     target = GPUTarget("cuda", capability, 32)
     gpu_name = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
     cfg = _launch_config(M, N, dtype)
-    num_warps = cfg.pop("num_warps")
     ty = _TRITON_DTYPE[dtype]
 
     def compile_one(fn, signature, constexprs):
+        constexprs = dict(constexprs)
+        num_warps = constexprs.pop("num_warps")
         signature = dict(signature, **{k: "constexpr" for k in constexprs})
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
@@ -449,6 +479,6 @@ def aot_resource_usage(
         {"grad_s_ptr": "*fp32", "x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "plan_ptr": "*fp32",
          "aux_x_ptr": "*fp32", "aux_y_ptr": "*fp32", "grad_x_ptr": f"*{ty}", "grad_y_ptr": f"*{ty}",
          "M": "i32", "N": "i32", "C": "i32"},
-        dict(DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", **cfg),
+        dict(SIDES=2, FIRST_SIDE=0, **_bwd_launch_config(M, N, dtype)),
     )
     return {"fwd": fwd, "bwd": bwd}
