@@ -170,6 +170,12 @@ def train(cfg: Config) -> dict:
     say = print if env.main else (lambda *a, **k: None)
 
     # ---- run folder and resolved config ---------------------------------------------------
+    if not cfg.train.resume and list_checkpoints(out_dir):  # before anything of it is overwritten
+        raise TrainingError(
+            f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run (newest "
+            f"{list_checkpoints(out_dir)[-1].name}): continue it with --resume auto, or start afresh "
+            "with another --train.out_dir (a new run here would prune them)"
+        )
     revision = git_revision()
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,12 +251,6 @@ def train(cfg: Config) -> dict:
                 for stale in set_aside_newer(out_dir, step):
                     say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
                 _trim_metrics(out_dir / "metrics.jsonl", step)
-    elif list_checkpoints(out_dir):
-        raise TrainingError(
-            f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run (newest "
-            f"{list_checkpoints(out_dir)[-1].name}): continue it with --resume auto, or start afresh "
-            "with another --train.out_dir (a new run here would prune them)"
-        )
     if start_in_epoch >= steps_per_epoch:
         epoch, start_in_epoch = epoch + 1, 0
     first_step = step

@@ -213,10 +213,12 @@ def test_nonfinite_gradient_with_a_finite_loss_is_skipped(demo_json, tmp_path, m
 
 def test_a_new_run_refuses_an_out_dir_holding_checkpoints(demo_json, tmp_path):
     train(tiny_cfg(demo_json, tmp_path, "train.max_steps=2"))
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.toml", "metrics.jsonl")}
     with pytest.raises(TrainingError, match=r"holds checkpoints of an earlier run \(newest step_00000002.pt\): "
                                              r"continue it with --resume auto"):
-        train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4"))
+        train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4", "loss.gamma=0.1"))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt"]
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items())  # untouched
 
 
 def test_resume_past_a_corrupt_newest_sets_it_aside_and_rewinds_the_metrics(demo_json, tmp_path):
