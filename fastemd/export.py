@@ -33,7 +33,10 @@ MODEL:
   PIXEL_STD: [58.395, 57.120, 57.375]       # torchvision's std
   RESNETS:
     DEPTH: {depth}
-    STRIDE_IN_1X1: False                     # torchvision's ResNet puts the stride in the 3x3{res2}
+    STRIDE_IN_1X1: False                     # torchvision's ResNet puts the stride in the 3x3
+    STEM_OUT_CHANNELS: {stem}
+    RES2_OUT_CHANNELS: {res2}
+    WIDTH_PER_GROUP: {width}                 # res2's 3x3 width (NUM_GROUPS 1)
     NORM: "SyncBN"                           # fine-tune the BN statistics, as for any SSL backbone
   FPN:
     NORM: "SyncBN"
@@ -88,19 +91,36 @@ def to_detectron2(backbone: dict[str, torch.Tensor]) -> dict:
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def backbone_shape(backbone: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Stem width, res2 output channels and res2's 3x3 width, read off the tensors."""
+    bottleneck = "layer1.0.conv3.weight" in backbone
+    return {"stem": backbone["conv1.weight"].shape[0], "width": backbone["layer1.0.conv2.weight"].shape[0],
+            "res2": backbone[f"layer1.0.conv{3 if bottleneck else 2}.weight"].shape[0]}
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "torchvision",
-                      network: str = "online") -> dict:
-    """Write the backbone of `checkpoint` to `output`; returns what was written (for printing)."""
+                      network: str = "online", force: bool = False) -> dict:
+    """Write the backbone of `checkpoint` to `output`; returns what was written (for printing).
+    An existing `output` is replaced only with `force`, and never when it is the checkpoint."""
+    output = Path(output)
+    if output.exists() and output.resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"{output}: that is the checkpoint being exported; write the backbone elsewhere")
+    if output.is_dir():
+        raise ValueError(f"{output}: is a folder; --output names the file to write")
+    if output.exists() and not force:
+        raise ValueError(f"{output}: exists; pass --force to replace it")
     state = load_checkpoint(checkpoint)
     backbone = backbone_state_dict(state, network, source=str(checkpoint))
-    output = Path(output)
     if fmt == "torchvision":
         tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.items()}
         _atomic_write(output, lambda f: torch.save(tensors, f))
@@ -113,7 +133,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "to
         raise ValueError(f"format must be 'torchvision' or 'detectron2', not {fmt!r}")
     arch = state.get("config", {}).get("model", {}).get("arch", "resnet50")
     return {"output": str(output), "format": fmt, "network": network, "tensors": count, "arch": arch,
-            "step": state.get("step")}
+            "step": state.get("step"), **backbone_shape(backbone)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,22 +143,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="file to write (.pth for torchvision, .pkl for detectron2)")
     parser.add_argument("--network", default="online", choices=["online", "target"],
                         help="which backbone: the online network (default, as BYOL evaluates) or the EMA target")
+    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        info = export_checkpoint(args.checkpoint, args.output, args.format, args.network)
-    except (CheckpointError, ValueError) as e:
+        info = export_checkpoint(args.checkpoint, args.output, args.format, args.network, args.force)
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"fastemd export: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {info['tensors']} tensors of the {info['network']} {info['arch']} backbone "
           f"(step {info['step']}) to {info['output']} ({info['format']})")
     if args.format == "detectron2":
         print("detectron2 config lines for the fine-tune:")
-        depth = _DEPTH.get(info["arch"], 50)
-        res2 = "\n    RES2_OUT_CHANNELS: 64                    # basic blocks (R18/R34)" if depth < 50 else ""
-        print(DETECTRON2_CONFIG.format(weights=info["output"], depth=depth, res2=res2))
-    else:
-        print("torchvision: m = torchvision.models.resnet50(); "
+        print(DETECTRON2_CONFIG.format(weights=info["output"], depth=_DEPTH.get(info["arch"], 50),
+                                       stem=info["stem"], res2=info["res2"], width=info["width"]))
+    elif info["stem"] == 64:
+        print(f"torchvision: m = torchvision.models.{info['arch']}(); "
               f"m.load_state_dict(torch.load({info['output']!r}), strict=False)  # missing: fc.weight, fc.bias only")
+    else:
+        print(f"torchvision: this {info['arch']} has width {info['stem']}, torchvision's have 64: load it into "
+              f"fastemd.model.resnet({info['arch']!r}, width={info['stem']}) (torchvision's names), not "
+              f"torchvision.models.{info['arch']}()")
     return 0

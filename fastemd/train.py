@@ -476,7 +476,7 @@ def train(cfg: Config) -> dict:
         from fastemd.export import export_checkpoint
 
         backbone = out_dir / "backbone_torchvision.pth"
-        export_checkpoint(last_ckpt, backbone, fmt="torchvision", network="online")
+        export_checkpoint(last_ckpt, backbone, fmt="torchvision", network="online", force=True)
         result["backbone"] = str(backbone)
     if env.main:
         say(f"fastemd: {ended} at step {step}/{run_steps} ({skipped} skipped)")

@@ -106,10 +106,45 @@ def test_cli_prints_detectron2_config(tmp_path, capsys):
     path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
     assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18.pkl")]) == 0
     out = capsys.readouterr().out
+    # widths read off the tensors: detectron2 drops tensors of the wrong shape with a mere warning
     for line in ('FORMAT: "RGB"', "STRIDE_IN_1X1: False", "PIXEL_MEAN: [123.675, 116.280, 103.530]",
-                 "PIXEL_STD: [58.395, 57.120, 57.375]", "DEPTH: 18", "RES2_OUT_CHANNELS: 64"):
+                 "PIXEL_STD: [58.395, 57.120, 57.375]", "DEPTH: 18", "STEM_OUT_CHANNELS: 8",
+                 "RES2_OUT_CHANNELS: 8", "WIDTH_PER_GROUP: 8"):
         assert line in out
     assert (tmp_path / "r18.pkl").is_file() and not (tmp_path / "r18.pkl.tmp").exists()
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "r18.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "has width 8, torchvision's have 64" in out and "fastemd.model.resnet('resnet18', width=8)" in out
+
+
+def test_cli_names_the_torchvision_constructor_and_resnet50_widths(tmp_path, capsys):
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet50", "model.width=64")
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "r50.pth")]) == 0
+    assert "torchvision.models.resnet50()" in capsys.readouterr().out
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r50.pkl")]) == 0
+    out = capsys.readouterr().out
+    assert "STEM_OUT_CHANNELS: 64" in out and "RES2_OUT_CHANNELS: 256" in out and "WIDTH_PER_GROUP: 64" in out
+
+
+def test_export_never_overwrites_the_checkpoint_or_an_existing_file(tmp_path, capsys):
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
+    original = path.read_bytes()
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(path), "--force"]) == 1
+    assert "that is the checkpoint being exported" in capsys.readouterr().err
+    assert path.read_bytes() == original
+    existing = tmp_path / "old.pth"
+    existing.write_bytes(b"keep me")
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(existing)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err and existing.read_bytes() == b"keep me"
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(existing), "--force"]) == 0
+    assert torch.load(existing)["conv1.weight"].shape[0] == 8
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(blocker / "x.pth")]) == 1
+    assert "fastemd export: error:" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
