@@ -49,7 +49,8 @@ def check_file(path: str) -> FileCheck:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if image.format not in ("JPEG", "PNG"):
+            # MPO: the multi-picture JPEG many cameras write; every decoder reads its first image
+            if image.format not in ("JPEG", "MPO", "PNG"):
                 return FileCheck(path, f"not a JPEG or PNG ({image.format})")
             if min(width, height) < MIN_SIDE:
                 return FileCheck(path, f"too small: {width}x{height} (expected >= {MIN_SIDE} px a side)")
@@ -82,11 +83,13 @@ def check_file(path: str) -> FileCheck:
 
 def check_files(files: list[str], workers: int, progress: bool = True) -> list[FileCheck]:
     """Every file, in order, checked by `workers` processes under a rich progress bar."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     results = []
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    # On stderr, like the summary: stdout may be a file, and the bar is switched on by stderr's tty.
+    with Progress(*columns, disable=not progress, transient=False, console=Console(stderr=True)) as bar:
         task = bar.add_task("check", total=len(files))
         if workers <= 1:
             for path in files:
@@ -119,12 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # soft_wrap: a long path stays one line in a log
     try:
         files = resolve_sources(args.sources)
     except DataError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
     results = check_files(files, args.workers, progress=not args.no_progress and sys.stderr.isatty())
     write_outputs(results, Path(args.manifest), Path(args.report), args.sources)
@@ -132,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
     converted = sum(1 for r in results if r.note)
     console.print(
         f"{len(results) - len(bad)} usable ({converted} converted on decode), {len(bad)} rejected; "
-        f"manifest: {args.manifest}, report: {args.report}"
+        f"manifest: {escape(args.manifest)}, report: {escape(args.report)}"
     )
     for r in bad[:10]:
-        console.print(f"  [yellow]{r.path}[/yellow]: {r.reason}")
+        console.print(f"  [yellow]{escape(r.path)}[/yellow]: {escape(r.reason)}")  # paths may hold [...]
     if len(bad) > 10:
-        console.print(f"  ... and {len(bad) - 10} more in {args.report}")
+        console.print(f"  ... and {len(bad) - 10} more in {escape(args.report)}")
     return 0 if len(bad) < len(results) else 1

@@ -97,6 +97,23 @@ def test_manifest_round_trips_file_names_with_hash_and_spaces(tmp_path):
     assert resolve_sources([str(manifest)]) == sorted(str((folder / n).resolve()) for n in names)
 
 
+def test_camera_mpo_jpegs_are_accepted_and_bracketed_paths_printed_as_is(tmp_path, capsys):
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    first, second = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (64, 48), (30, 30, 200))
+    first.save(folder / "photo.jpg", format="MPO", save_all=True, append_images=[second])
+    with Image.open(folder / "photo.jpg") as image:
+        assert image.format == "MPO"
+    assert check.check_file(str(folder / "photo.jpg")).reason is None
+    (folder / "z[").mkdir()
+    (folder / "z[" / "b].jpg").write_bytes(b"")  # ".../z[/b].jpg" reads as rich markup
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    assert check.run(parser.parse_args([str(folder), "--manifest", str(tmp_path / "m.txt"), "--report",
+                                        str(tmp_path / "bad.tsv"), "--workers", "1"])) == 0
+    assert "z[/b].jpg: zero-byte file" in capsys.readouterr().err
+
+
 def test_check_data_names_a_missing_source(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     check.add_arguments(parser)
