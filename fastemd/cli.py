@@ -71,10 +71,30 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     return train_main(cfg)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _make_demo_data(args: argparse.Namespace, rest: list[str]) -> int:
     from fastemd.demo_data import make_demo_data
 
-    path = make_demo_data(args.dir, num_images=args.num_images, seed=args.seed)
+    try:
+        path = make_demo_data(args.dir, num_images=args.num_images, seed=args.seed)
+    except OSError as e:
+        print(f"fastemd make-demo-data: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.num_images} images and {path}")
     return 0
 
@@ -135,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "annotations/instances_train2017.json), deterministic for a seed.",
     )
     demo.add_argument("dir", help="output folder (created if missing)")
-    demo.add_argument("--num-images", type=int, default=256, help="number of images (default 256)")
+    demo.add_argument("--num-images", type=positive_int, default=256, help="number of images (default 256)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(_run=_make_demo_data)
 
@@ -166,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         return args._run(args, rest)
     except ConfigError as e:
         print(f"fastemd: config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a DataError: a source the profiles were pointed at (the type's
+        from fastemd.pipelines.sources import DataError  # module imports torch: only on this path)
+
+        if not isinstance(e, DataError):
+            raise
+        print(f"fastemd: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from fastemd.cli import nonneg_int, positive_int
+
 RUNGS = ("fp32", "channels_last", "amp", "compile", "triton")
 
 
@@ -36,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--preset", default="bench", help="config preset (default: bench = ResNet-50, 224/224)")
-    parser.add_argument("--batch", type=int, default=None, help="per-device batch (default: the preset's)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per rung (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="per-device batch (default: the preset's)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per rung (default: %(default)s)")
+    parser.add_argument("--warmup", type=nonneg_int, default=5, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--rungs", default=None,
                         help=f"comma list of {','.join(RUNGS)} (default: all on CUDA, fp32,channels_last on CPU)")
     parser.add_argument("--sweep", action="store_true", help="find the largest batch that fits (CUDA)")
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args):
     from fastemd.config import resolve
 
-    batch = [f"data.batch_size={args.batch}"] if args.batch else []  # validated like any override
+    batch = [f"data.batch_size={args.batch}"] if args.batch is not None else []  # validated like any override
     return resolve(args.preset, None, [*args.overrides, *batch])
 
 
@@ -153,6 +155,8 @@ def profile_step(args) -> dict:
     for r in rung_list:
         if r not in RUNGS:
             raise SystemExit(f"fastemd profile step: unknown rung {r!r}; rungs: {', '.join(RUNGS)}")
+    if "triton" in rung_list and device.type != "cuda":
+        raise SystemExit("fastemd profile step: the triton rung needs --device cuda")
     sizes = (cfg.data.view1_size, cfg.data.view2_size)
     batch = cfg.data.batch_size
     pair_flops = flops_per_pair(cfg.model, cfg.loss, sizes)

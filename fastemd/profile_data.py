@@ -22,23 +22,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastemd.cli import nonneg_int, positive_int
 from fastemd.pipelines import build_two_view_loader, resolve_sources
+
+
+def _views(text: str) -> tuple[int, int]:
+    """argparse type: '224,160' -> (224, 160)."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected two view sizes like 224,160, got {text!r}")
+    return sizes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda adds DALI's gpu pipeline (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=nonneg_int, default=min(4, os.cpu_count() or 1),
                         help="DALI threads = reference loader processes (default: %(default)s)")
-    parser.add_argument("--pairs", type=int, default=1024, help="pairs per measurement (default: %(default)s)")
+    parser.add_argument("--pairs", type=positive_int, default=1024, help="pairs per measurement (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=0.0, help="stop a measurement after this long (0: no cap)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--source", nargs="*", default=[],
                         help="COCO json, folder or manifest (default: a temporary set of 640x480 JPEGs)")
-    parser.add_argument("--images", type=int, default=64, help="generated JPEGs (default: %(default)s)")
+    parser.add_argument("--images", type=positive_int, default=64, help="generated JPEGs (default: %(default)s)")
     parser.add_argument("--kinds", default="dali,torch", help="comma list of dali, torch (default: %(default)s)")
-    parser.add_argument("--views", nargs="*", default=["224,224", "224,160"], help="view sizes, e.g. 224,160")
+    parser.add_argument("--views", nargs="*", type=_views, default=[(224, 224), (224, 160)],
+                        help="view sizes, e.g. 224,160")
     parser.add_argument("--target-rate", type=float, default=0.0,
                         help="pairs/s the trainer needs (default: the DALI gpu rate when measured)")
 
@@ -104,7 +117,11 @@ def _machine() -> dict:
 def run(args: argparse.Namespace) -> int:
     machine = _machine()  # before the run: the load average then is what else shares the cores
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    view_sets = [tuple(int(s) for s in v.split(",")) for v in args.views]
+    if not kinds or set(kinds) - {"dali", "torch"}:
+        raise SystemExit(f"fastemd profile data: --kinds takes a comma list of dali, torch; got {args.kinds!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastemd profile data: --device cuda but no CUDA device is available")
+    view_sets = list(args.views)
     with tempfile.TemporaryDirectory(prefix="fastemd-profile-data-") as tmp:
         if args.source:
             files = resolve_sources(args.source)

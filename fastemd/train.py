@@ -421,7 +421,8 @@ def train(cfg: Config) -> dict:
                             metrics_file.flush()
                         if tb is not None:
                             for k in (*keys, "lr", "tau", "images_per_s", "data_wait_pct"):
-                                tb.add_scalar(f"train/{k}", m[k], step)
+                                if k in m:  # the first window of a run has no timing yet
+                                    tb.add_scalar(f"train/{k}", m[k], step)
                         window.zero_()
                         window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, now()
 

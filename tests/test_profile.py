@@ -71,3 +71,28 @@ def test_profile_step_trace_is_a_chrome_trace_of_whole_steps(tmp_path, capsys):
     for op in ("aten::convolution", "aten::convolution_backward", "fastemd::emd_forward", "fastemd::emd_backward",
                "aten::_foreach_norm", "aten::_foreach_lerp_"):
         assert op in names, op
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "step", "--device", "cpu", "--batch", "0"], "argument --batch: expected an integer >= 1, got 0"),
+    (["profile", "step", "--device", "cpu", "--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    (["profile", "data", "--device", "cpu", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+    (["profile", "data", "--device", "cpu", "--views", "224x160"], "expected two view sizes like 224,160"),
+    (["make-demo-data", "somewhere", "--num-images", "0"], "argument --num-images: expected an integer >= 1"),
+])
+def test_bad_arguments_are_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_runtime_choices_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="the triton rung needs --device cuda"):
+        main(["profile", "step", "--device", "cpu", "--rungs", "fp32,triton", *TINY])
+    with pytest.raises(SystemExit, match="--kinds takes a comma list of dali, torch; got 'foo'"):
+        main(["profile", "data", "--device", "cpu", "--kinds", "foo"])
+    assert main(["profile", "data", "--device", "cpu", "--source", str(tmp_path / "none")]) == 2
+    assert f"fastemd: error: {tmp_path / 'none'}: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["make-demo-data", str(tmp_path / "afile")]) == 2
+    assert "fastemd make-demo-data: error:" in capsys.readouterr().err

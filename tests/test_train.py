@@ -237,6 +237,32 @@ def test_resume_past_a_corrupt_newest_sets_it_aside_and_rewinds_the_metrics(demo
     assert steps == [1, 2, 3, 4, 5]  # rows 5 and 6 of the first run gave way to the resumed run's 5
 
 
+def test_tensorboard_gets_every_log_step_and_a_resume_purges_past_its_step(demo_json, tmp_path, monkeypatch):
+    import types
+
+    writers = []
+
+    class FakeWriter:  # tensorboard is an optional extra: record what the trainer writes
+        def __init__(self, log_dir, purge_step=None):
+            self.purge_step, self.scalars = purge_step, []
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=3", "log.tensorboard=true"))
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4", "log.tensorboard=true", "train.resume=auto"))
+    first, resumed = writers
+    assert first.purge_step is None and resumed.purge_step == 3
+    assert {s for tag, s in first.scalars if tag == "train/loss"} == {1, 2, 3}
+    assert ("train/images_per_s", 1) not in first.scalars and ("train/images_per_s", 3) in first.scalars
+    assert {s for tag, s in resumed.scalars if tag == "train/loss"} == {4}
+
+
 def test_pruning_never_removes_the_checkpoint_just_written(demo_json, tmp_path):
     from fastemd.checkpoint import save_checkpoint
 
