@@ -60,7 +60,9 @@ def set_aside_newer(out_dir: str | Path, step: int) -> list[Path]:
     moved = []
     for path in list_checkpoints(out_dir):
         if checkpoint_step(path) > step:
-            stale = path.with_name(path.name + ".stale")
+            stale, n = path.with_name(path.name + ".stale"), 1
+            while stale.exists():  # set aside before (a second rewind): keep that one too
+                stale, n = path.with_name(f"{path.name}.stale{n}"), n + 1
             os.replace(path, stale)
             moved.append(stale)
     if moved:

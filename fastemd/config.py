@@ -310,6 +310,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+# Keys earlier versions had (and wrote into OUT/config.toml): a saved config still loads.
+REMOVED_KEYS = {"optim.use_apex": "removed: apex is not used, see README"}
+
+
 def load_toml(cfg: Config, path: str | Path) -> Config:
     """Apply a TOML file with tables named like the sections ([loss] gamma = 0.05)."""
     path = Path(path)
@@ -325,6 +329,10 @@ def load_toml(cfg: Config, path: str | Path) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a table like [loss]{_suggest(section, _sections())}")
         for name, raw in values.items():
+            if f"{section}.{name}" in REMOVED_KEYS:  # written by an earlier version's config.toml
+                print(f"fastemd: {path}: ignoring {section}.{name} ({REMOVED_KEYS[f'{section}.{name}']})",
+                      file=sys.stderr)
+                continue
             try:
                 set_key(cfg, f"{section}.{name}", raw)
             except ConfigError as e:

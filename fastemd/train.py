@@ -224,6 +224,11 @@ def train(cfg: Config) -> dict:
     resumed_from = None
     if cfg.train.resume:
         found = load_latest(out_dir) if cfg.train.resume == "auto" else (load_checkpoint(cfg.train.resume), cfg.train.resume)
+        if found is None and list_checkpoints(out_dir):
+            raise TrainingError(
+                f"--resume auto: none of the checkpoints in {out_dir / 'checkpoints'} can be read (see the "
+                "warnings above); move them away to start afresh, or resume from one with --resume PATH"
+            )
         if found is None:
             say(f"fastemd: --resume auto: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
         else:
@@ -277,8 +282,8 @@ def train(cfg: Config) -> dict:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: a resumed run drops the events its checkpoint had not reached
-            tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step if resumed_from else None)
+            # purge_step: a resumed run drops the events logged after its checkpoint's step
+            tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step + 1 if resumed_from else None)
         except ImportError:
             say("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
     say(f"fastemd: {len(files)} images, loader {loader_kind}, {env.world_size} rank(s) on {env.device.type}, "

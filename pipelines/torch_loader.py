@@ -21,8 +21,8 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import multiprocessing
 import signal
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,14 +203,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 _REAPER = False
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # this module's DataLoader iterators
 
 
 def _kill_leftover_workers() -> None:
     # At interpreter exit multiprocessing terminates (SIGTERM) and joins the daemon children
-    # still alive: workers of a loader never shut down would ignore that and hang the exit.
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    # still alive: the workers of a loader never shut down would ignore that and hang the exit.
+    # Shut them down the DataLoader's way (it also forgets their pids, so its SIGCHLD handler
+    # stays quiet), then kill any still busy. Other processes of the program are left alone.
+    for batch_iter in list(_LIVE_ITERATORS):
+        batch_iter._shutdown_workers()
+        for worker in getattr(batch_iter, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
 
 
 class TorchTwoViewLoader:
@@ -265,6 +270,8 @@ class TorchTwoViewLoader:
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if self.workers:
+            _LIVE_ITERATORS.add(batch_iter)
         for step, (v1, v2, failures) in enumerate(batch_iter, start=start_step):
             for path, reason in failures:
                 if self.on_bad_file == "stop":

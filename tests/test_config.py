@@ -163,3 +163,11 @@ def test_tools_scripts_are_the_cli(tmp_path, script, args, expect):
     tool = Path(__file__).resolve().parents[1] / "tools" / script
     out = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert expect in out.stdout
+
+
+def test_a_config_saved_by_an_earlier_version_still_loads(tmp_path, capsys):
+    old = tmp_path / "config.toml"
+    old.write_text(C.to_toml(C.resolve("demo")).replace("[optim]\n", "[optim]\nuse_apex = false\n"))
+    cfg = C.resolve(None, str(old))
+    assert cfg == C.resolve("demo")
+    assert "ignoring optim.use_apex (removed: apex is not used" in capsys.readouterr().err

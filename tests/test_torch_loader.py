@@ -133,3 +133,32 @@ def test_color_twist_identity_and_grayscale():
     gray = color_twist(x, saturation=0.0).astype(float)
     luma = x @ np.array([0.299, 0.587, 0.114])
     assert np.abs(gray - luma[..., None]).max() <= 1.0
+
+
+_EXIT_SCRIPT = """
+import multiprocessing as mp, sys
+from fastemd.pipelines import build_two_view_loader
+files = sys.argv[1:]
+loader = build_two_view_loader(files, kind="torch", batch_size=2, view_sizes=(32, 24), workers=2, seed=0)
+list(loader.epoch(0))                 # a finished epoch
+leaked = iter(loader.epoch(1))        # and a generator left open at exit, its workers alive
+next(leaked)
+with mp.Pool(2) as pool:              # the program's own processes, untouched by the loader
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+pool = mp.Pool(2)                     # one left for interpreter exit to clean up
+print("done", flush=True)
+"""
+
+
+def test_interpreter_exit_with_leaked_workers_and_other_pools(tmp_path):
+    """Loader workers ignore SIGTERM (a signal to the process group is the trainer's), so
+    multiprocessing's own exit handling cannot stop them: the loader shuts its own down at exit,
+    and leaves the program's other processes to multiprocessing."""
+    import subprocess
+    import sys
+
+    files = _dataset(tmp_path, n=8)
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, *files], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "done" and "killed by signal" not in proc.stderr

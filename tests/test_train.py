@@ -257,10 +257,34 @@ def test_tensorboard_gets_every_log_step_and_a_resume_purges_past_its_step(demo_
     train(tiny_cfg(demo_json, tmp_path, "train.max_steps=3", "log.tensorboard=true"))
     train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4", "log.tensorboard=true", "train.resume=auto"))
     first, resumed = writers
-    assert first.purge_step is None and resumed.purge_step == 3
+    assert first.purge_step is None and resumed.purge_step == 4  # step 3 was logged before its checkpoint
     assert {s for tag, s in first.scalars if tag == "train/loss"} == {1, 2, 3}
     assert ("train/images_per_s", 1) not in first.scalars and ("train/images_per_s", 3) in first.scalars
     assert {s for tag, s in resumed.scalars if tag == "train/loss"} == {4}
+
+
+def test_setting_aside_twice_keeps_both_files(tmp_path):
+    from fastemd.checkpoint import save_checkpoint, set_aside_newer
+
+    save_checkpoint({"step": 6, "run": 1}, tmp_path, 6, keep_last=5)
+    set_aside_newer(tmp_path, 4)
+    save_checkpoint({"step": 6, "run": 2}, tmp_path, 6, keep_last=5)
+    moved = set_aside_newer(tmp_path, 4)
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in moved] == ["step_00000006.pt.stale1"]
+    runs = {torch.load(folder / name)["run"] for name in ("step_00000006.pt.stale", "step_00000006.pt.stale1")}
+    assert runs == {1, 2}
+
+
+def test_resume_auto_refuses_when_no_checkpoint_can_be_read(demo_json, tmp_path):
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=2", "train.ckpt_every=1", "train.keep_last=2"))
+    for path in list_checkpoints(tmp_path):
+        path.write_bytes(path.read_bytes()[:500])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainingError, match=r"none of the checkpoints in .* can be read"):
+            train(tiny_cfg(demo_json, tmp_path, "train.max_steps=2", "train.resume=auto"))
+    assert len(list_checkpoints(tmp_path)) == 2  # left where they were, for a person to look at
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(demo_json, tmp_path):
