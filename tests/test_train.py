@@ -184,24 +184,30 @@ def test_nonfinite_in_a_row_stops_keeping_last_checkpoint(demo_json, tmp_path, m
         assert torch.isfinite(value.float()).all(), key
 
 
+def _inf_gradient_at_call(n: int):
+    """A SelfEMD.forward whose n-th call keeps the loss finite but sends inf into one online
+    weight's gradient (a backward hook, removed at the next call)."""
+    from fastemd.model import SelfEMD
+
+    forward, state = SelfEMD.forward, {"calls": 0}
+
+    def patched(self, v1, v2):
+        state["calls"] += 1
+        out = forward(self, v1, v2)
+        if state["calls"] == n:
+            weight = next(p for name, p in self.named_parameters() if name.startswith("online.") and p.dim() == 4)
+            state["hook"] = weight.register_hook(lambda g: g * float("inf"))
+        elif "hook" in state:
+            state.pop("hook").remove()
+        return out
+
+    return patched
+
+
 def test_nonfinite_gradient_with_a_finite_loss_is_skipped(demo_json, tmp_path, monkeypatch):
     from fastemd.model import SelfEMD
 
-    forward = SelfEMD.forward
-    count = {"n": 0}
-
-    def inf_gradient_at_step_2(self, v1, v2):
-        count["n"] += 1
-        out = forward(self, v1, v2)
-        if count["n"] == 2:  # the loss stays finite; one weight's gradient becomes inf
-            weight = next(p for n, p in self.named_parameters() if n.startswith("online.") and p.dim() == 4)
-            handle = weight.register_hook(lambda g: g * float("inf"))
-            count["handle"] = handle
-        elif "handle" in count:
-            count.pop("handle").remove()
-        return out
-
-    monkeypatch.setattr(SelfEMD, "forward", inf_gradient_at_step_2)
+    monkeypatch.setattr(SelfEMD, "forward", _inf_gradient_at_call(2))
     result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=3"))
     assert result["skipped_steps"] == 1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -521,24 +527,15 @@ def test_cuda_training_with_amp_and_channels_last(demo_json, tmp_path, amp):
 def test_fp16_overflow_skips_lars_and_ema_without_counting_a_bad_step(demo_json, tmp_path, monkeypatch):
     from fastemd.model import SelfEMD
 
-    forward, ema = SelfEMD.forward, SelfEMD.update_target
-    calls = {"forward": 0, "ema": 0}
-
-    def inf_gradient_at_step_2(self, v1, v2):
-        calls["forward"] += 1
-        out = forward(self, v1, v2)
-        if calls["forward"] == 2:  # finite loss, inf gradient: the GradScaler's business in fp16
-            weight = next(p for n, p in self.named_parameters() if n.startswith("online.") and p.dim() == 4)
-            calls["handle"] = weight.register_hook(lambda g: g * float("inf"))
-        elif "handle" in calls:
-            calls.pop("handle").remove()
-        return out
+    ema = SelfEMD.update_target
+    calls = {"ema": 0}
 
     def counting_ema(self, tau):
         calls["ema"] += 1
         return ema(self, tau)
 
-    monkeypatch.setattr(SelfEMD, "forward", inf_gradient_at_step_2)
+    # finite loss, inf gradient at step 2: in fp16 the GradScaler's business
+    monkeypatch.setattr(SelfEMD, "forward", _inf_gradient_at_call(2))
     monkeypatch.setattr(SelfEMD, "update_target", counting_ema)
     result = train(tiny_cfg(demo_json, tmp_path, "train.device=cuda", "train.amp=fp16", "train.compile=off",
                             "train.max_steps=4"))
