@@ -76,7 +76,7 @@ def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def marginals(gram: torch.Tensor, weights: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Log marginals (log a (B, M), log b (B, N)) from the detached raw Gram matrix
-    gram_ij = x_i . y_j (B, M, N).
+    gram_ij = x_i . y_j (B, M, N); "uniform" reads only its shape and dtype.
 
     "cross" (SPEC 2.2, DeepEMD) is relu(x_i . mean_j y_j) + FLOOR on the raw features:
     x_i . mean_j y_j = mean_j gram_ij, so no extra pass over the channels is needed (the
@@ -209,8 +209,8 @@ def emd_similarity_reference(
     dt = _compute_dtype(x)
     xf, yf = x.to(dt), y.to(dt)
     cost = cosine_cost(xf, yf)  # (B, M, N)
-    with torch.no_grad():  # detached in both modes
-        log_a, log_b = marginals(torch.bmm(xf, yf.transpose(1, 2)), weights)
+    with torch.no_grad():  # detached in both modes; uniform weights need the shape alone
+        log_a, log_b = marginals(torch.bmm(xf, yf.transpose(1, 2)) if weights == "cross" else cost, weights)
     sink_cost = cost.detach() if grad == "envelope" else cost
     plan = sinkhorn_log(sink_cost, log_a, log_b, gamma, n_iters)  # (B, M, N)
     s = ((1.0 - cost) * plan).sum(dim=(1, 2))  # (B,)
