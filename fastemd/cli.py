@@ -4,6 +4,7 @@
     fastemd profile {data,emd,step,e2e} ...
     fastemd check-data SOURCE [SOURCE ...] --out DIR
     fastemd export CHECKPOINT --format torchvision|detectron2 --output PATH
+    fastemd eval probe BACKBONE --data ANNOTATIONS.json|demo
     fastemd make-demo-data DIR
 
 `tools/*.py` call the same functions, so `torchrun --nproc_per_node=8 tools/train.py ...` takes
@@ -170,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delegated(sub, "check-data", "fastemd.pipelines.check",
                    "check every image of the sources; write a manifest of good files and a report of bad ones")
     _add_delegated(sub, "export", "fastemd.export", "export a pretrained backbone for torchvision or detectron2")
+    evaluate = sub.add_parser("eval", help="evaluate a pretrained backbone: probe, table",
+                              description="Evaluate a pretrained backbone against a random init of the same shape.")
+    esub = evaluate.add_subparsers(dest="what", metavar="WHAT", required=True)
+    _add_delegated(esub, "probe", "fastemd.eval.probe",
+                   "frozen-backbone probes (object category: logistic regression and kNN; instance retrieval) "
+                   "against a random init, over grouped splits")
+    _add_delegated(esub, "table", "fastemd.eval.table",
+                   "the learning table of BENCHMARKS.md: demo runs (Self-EMD, dense only, BYOL) and a supervised "
+                   "control, probed, over several seeds")
     return parser
 
 

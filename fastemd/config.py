@@ -65,6 +65,7 @@ class LossConfig:
     grad: str = "envelope"  # "envelope" (plan held constant) or "unrolled" (torch impl only)
     impl: str = "auto"  # "auto" (triton on CUDA), "triton" or "torch"
     global_weight: float = 1.0  # weight of BYOL's global branch; 0 switches it off
+    dense_weight: float = 1.0  # weight of the dense EMD term; 0 switches it off (plain BYOL)
 
 
 @dataclass
@@ -98,6 +99,10 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept on disk
     resume: str = ""  # "", "auto" (newest in out_dir) or a checkpoint path
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+    # torch's intra-op threads on a CPU run; 0: the cores this process may use, shared by the
+    # ranks of the node, less data.workers (the loader's threads or processes), at least 1.
+    # torch's default (every core) beside the loader's workers oversubscribes the cores.
+    cpu_threads: int = 0
 
 
 @dataclass
@@ -395,14 +400,17 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)!r}")
-    for key in ["train.max_steps", "train.ckpt_every", "data.workers", "optim.weight_decay",
-                "optim.warmup_epochs", "loss.global_weight", "optim.base_lr"]:
+    for key in ["train.max_steps", "train.ckpt_every", "data.workers", "train.cpu_threads", "optim.weight_decay",
+                "optim.warmup_epochs", "loss.global_weight", "loss.dense_weight", "optim.base_lr"]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(cfg, section), name)!r}")
     if cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be >= 2: BatchNorm needs two samples per rank to normalise over, "
                           f"got {cfg.data.batch_size}")
+    if cfg.loss.dense_weight == 0 and cfg.loss.global_weight == 0:
+        raise ConfigError("loss.dense_weight and loss.global_weight are both 0: nothing to train on; "
+                          "keep one of them > 0")
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
         raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {cfg.data.crop_scale_min!r}")
     if not 0.0 <= cfg.ema.tau_base <= 1.0:

@@ -3,9 +3,12 @@
 On a terminal: a live rich panel with the run and epoch progress bars (ETA) and a table of the
 last log step's metrics. Elsewhere (CI, SLURM logs, `| tee`): one plain line per log step,
 
-    step 120/3200 | ep 2 | loss 1.2345 (emd 0.8123 glob 0.4222) | sim 0.5938 | lr 0.0812 | tau 0.99612 |
-    412.3 ms/step | 621 img/s | data 1.2% | mem 31.2G | mfu 38% | skipped 0 | eta 0:21:14
+    step 120/3200 | ep 2 | loss 1.2345 (emd 0.8123 glob 0.4222) | sim 0.5938 | gap +0.112/+0.204 |
+    spread 0.71/0.83 | rank 41.2 | lr 0.0812 | tau 0.99612 | 412.3 ms/step | 621 img/s | data 1.2% |
+    mem 31.2G | mfu 38% | skipped 0 | eta 0:21:14
 
+(`gap` dense/global, `spread` dense/global and `rank` are the health signals of
+fastemd/health.py), and a line starting `WARNING` when fastemd.health.HealthMonitor raises one.
 An "image" is one dataset image, i.e. one pair of views, everywhere in fastemd.
 """
 
@@ -20,12 +23,22 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 
 def _eta(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds < 0:
         return "-"
     return str(timedelta(seconds=int(seconds)))
+
+
+def _pair(m: dict, a: str, b: str, fmt: str) -> str:
+    """"x/y" of two metrics, "-" for one that is absent or NaN (a branch switched off)."""
+    def one(key):
+        value = m.get(key)
+        return "-" if value is None or value != value else fmt.format(value)
+
+    return f"{one(a)}/{one(b)}"
 
 
 def format_line(m: dict) -> str:
@@ -35,9 +48,11 @@ def format_line(m: dict) -> str:
         f"ep {m['epoch']}",
         f"loss {m['loss']:.4f} (emd {m['loss_emd']:.4f} glob {m['loss_global']:.4f})",
         f"sim {m['similarity']:.4f}",
-        f"lr {m['lr']:.4g}",
-        f"tau {m['tau']:.5f}",
     ]
+    if "gap_dense" in m:
+        parts += [f"gap {_pair(m, 'gap_dense', 'gap_global', '{:+.3f}')}",
+                  f"spread {_pair(m, 'spread_dense', 'spread_global', '{:.2f}')}", f"rank {m['rank']:.1f}"]
+    parts += [f"lr {m['lr']:.4g}", f"tau {m['tau']:.5f}"]
     if m.get("ms_per_step") is not None:  # None on a window holding only the (untimed) first step
         parts += [f"{m['ms_per_step']:.1f} ms/step", f"{m['images_per_s']:.0f} img/s", f"data {m['data_wait_pct']:.1f}%"]
     if m.get("peak_mem_gb") is not None:
@@ -45,6 +60,8 @@ def format_line(m: dict) -> str:
     if m.get("mfu") is not None:
         parts.append(f"mfu {100 * m['mfu']:.0f}%")
     parts += [f"skipped {m['skipped_steps']}", f"eta {_eta(m.get('eta_s'))}"]
+    if m.get("health_warning"):
+        parts.append(f"WARNING {m['health_warning']}")
     return " | ".join(parts)
 
 
@@ -58,6 +75,7 @@ class Dashboard:
         self.rich = enabled and (mode == "rich" or (mode == "auto" and self.console.is_terminal))
         self.title = title
         self.live = None
+        self.warning = None
         if not self.rich:
             return
         self.progress = Progress(
@@ -91,13 +109,20 @@ class Dashboard:
              "data wait", get("data_wait_pct", "{:.1f}%"), "peak mem", get("peak_mem_gb", "{:.1f} GB")),
             ("MFU", "-" if mfu is None else f"{100 * mfu:.0f}%", "eta", _eta(m.get("eta_s")),
              "step", f"{m.get('step', '-')}/{m.get('total_steps', '-')}", "", ""),
+            # health (fastemd/health.py): own - other image's similarity; spread 1 healthy, 0 collapsed
+            ("gap d/g", _pair(m, "gap_dense", "gap_global", "{:+.3f}"),
+             "spread d/g", _pair(m, "spread_dense", "spread_global", "{:.2f}"),
+             "rank", get("rank", "{:.1f}"), "sinkhorn err", get("sinkhorn_err", "{:.1e}")),
         ]
         for row in rows:
             table.add_row(*row)
         return table
 
     def _render(self):
-        return Panel(Group(self.progress, self.table), title=self.title, border_style="blue")
+        parts = [self.progress, self.table]
+        if self.warning:
+            parts.append(Text(f"WARNING {self.warning}", style="bold red"))
+        return Panel(Group(*parts), title=self.title, border_style="red" if self.warning else "blue")
 
     def update(self, m: dict) -> None:
         if not self.enabled:
@@ -108,6 +133,7 @@ class Dashboard:
         self.progress.update(self.run_task, completed=m["step"])
         self.progress.update(self.epoch_task, completed=m["step_in_epoch"], description="epoch")
         self.table = self._table(m)
+        self.warning = m.get("health_warning")
         self.live.update(self._render())
 
     def new_epoch(self, epoch: int, steps_per_epoch: int, start: int = 0) -> None:

@@ -5,6 +5,9 @@
     root/train2017/000000000001.jpg ...
     root/annotations/instances_train2017.json   (images, annotations, categories)
 
+and `make_demo_data(root, split="val2017")` a held-out split beside it (other scenes: another
+seed), which `fastemd eval probe --data demo` measures backbones on.
+
 laid out exactly like COCO so that every code path that reads COCO reads it too. Each scene is
 a textured background (stripes, checks, noise or a gradient) with several textured objects
 (ellipses, rectangles, triangles) at varied sizes; the boxes of the objects are written as
@@ -24,9 +27,8 @@ CATEGORIES = [
     {"id": 2, "name": "rectangle", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
-ANNOTATION_FILE = "annotations/instances_train2017.json"
-IMAGE_DIR = "train2017"
 DEFAULT_NUM_IMAGES = 256
+SPLITS = {"train2017": (DEFAULT_NUM_IMAGES, 0), "val2017": (128, 1)}  # split: (images, seed) of the demo preset
 
 
 def default_cache_dir() -> Path:
@@ -89,8 +91,9 @@ def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     return (np.clip(image, 0, 1) * 255).astype(np.uint8), objects
 
 
-def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, quality: int = 90) -> Path:
-    """Write the demo dataset under `root` and return the annotation file's path.
+def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, quality: int = 90,
+                   split: str = "train2017") -> Path:
+    """Write the `split` of the demo dataset under `root` and return its annotation file's path.
 
     Files are written to temporary names and renamed, and the json last: a dataset whose json
     exists is complete.
@@ -100,36 +103,38 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     root = Path(root)
-    (root / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         pixels, objects = make_scene(rng)
         name = f"{image_id:012d}.jpg"
-        tmp = root / IMAGE_DIR / f".{name}.tmp"
+        tmp = root / split / f".{name}.tmp"
         Image.fromarray(pixels).save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, root / IMAGE_DIR / name)
+        os.replace(tmp, root / split / name)
         images.append({"id": image_id, "file_name": name, "height": pixels.shape[0], "width": pixels.shape[1]})
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
-    info = {"description": "fastemd demo dataset (synthetic scenes)", "version": "1.0", "seed": seed}
+    info = {"description": f"fastemd demo dataset (synthetic scenes), {split}", "version": "1.0", "seed": seed}
     data = {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
-    json_path = root / ANNOTATION_FILE
+    json_path = root / "annotations" / f"instances_{split}.json"
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, json_path)
     return json_path
 
 
-def ensure_demo_data(root: str | Path | None = None, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0) -> Path:
-    """The demo dataset's annotation file, made on first use and reused after."""
+def ensure_demo_data(root: str | Path | None = None, split: str = "train2017") -> Path:
+    """The annotation file of the demo dataset's `split` (SPLITS), made on first use and reused after."""
     root = Path(root) if root is not None else default_cache_dir()
-    json_path = root / ANNOTATION_FILE
+    num_images, seed = SPLITS[split]
+    json_path = root / "annotations" / f"instances_{split}.json"
     if json_path.is_file():
         try:
-            if len(json.loads(json_path.read_text())["images"]) == num_images:
+            info = json.loads(json_path.read_text())
+            if len(info["images"]) == num_images and info["info"]["seed"] == seed:
                 return json_path
-        except (ValueError, KeyError):
-            pass  # a damaged or different-size dataset is made again below
-    return make_demo_data(root, num_images=num_images, seed=seed)
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged or different dataset is made again below
+    return make_demo_data(root, num_images=num_images, seed=seed, split=split)

@@ -4,9 +4,11 @@
                                      -> avg-pool -> global projector (MLP) -> g -> global predictor -> q
     target:  the same backbone and projectors, an EMA of the online ones, no predictor, no grad.
 
-    L = [ (2 - 2 s(p1, z2')) + (2 - 2 s(p2, z1')) ]                 dense, s = EMD similarity
+    L = dense_weight * [ (2 - 2 s(p1, z2')) + (2 - 2 s(p2, z1')) ]   dense, s = EMD similarity
       + global_weight * [ (2 - 2 cos(q1, g2')) + (2 - 2 cos(q2, g1')) ]   BYOL's loss
     (' = target; batch means). With a 1x1 map the EMD similarity is the cosine: BYOL exactly.
+    dense_weight = 0 is plain BYOL (no dense heads); global_weight = 0 Self-EMD without the
+    global branch (no global heads): a branch with weight 0 is not built at all.
 
 The ResNet is written here with torchvision's layout and state-dict names (conv1, bn1,
 layer1..4, downsample.0/1) so that the backbone exports to torchvision and detectron2 without
@@ -169,20 +171,21 @@ def global_mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
 class Branch(nn.Module):
     """Backbone + dense projector (+ global projector): the part shared by online and target."""
 
-    def __init__(self, cfg, with_global: bool):
+    def __init__(self, cfg, with_global: bool, with_dense: bool = True):
         super().__init__()
         self.backbone = resnet(cfg.arch, cfg.width, cfg.zero_init_residual)
         c5 = self.backbone.out_channels
-        self.projector = dense_mlp(c5, cfg.proj_hidden, cfg.proj_dim)
-        # None, not an unused module, when the global branch is off: DDP rejects parameters
-        # that never receive a gradient.
+        # None, not an unused module, when a branch is off: DDP rejects parameters that never
+        # receive a gradient.
+        self.projector = dense_mlp(c5, cfg.proj_hidden, cfg.proj_dim) if with_dense else None
         self.global_projector = global_mlp(c5, cfg.proj_hidden, cfg.proj_dim) if with_global else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         h = self.backbone(x)  # (B, C5, H, W)
-        z = self.projector(h)  # (B, D, H, W)
-        g = self.global_projector(h.mean((2, 3))) if self.global_projector is not None else None  # (B, D)
-        return z, g
+        pooled = h.mean((2, 3))  # (B, C5)
+        z = self.projector(h) if self.projector is not None else None  # (B, D, H, W)
+        g = self.global_projector(pooled) if self.global_projector is not None else None  # (B, D)
+        return z, g, pooled
 
 
 # Self-EMD -----------------------------------------------------------------------------------
@@ -215,9 +218,11 @@ class SelfEMD(nn.Module):
     def __init__(self, model_cfg, loss_cfg):
         super().__init__()
         self.loss_cfg = loss_cfg
-        with_global = loss_cfg.global_weight > 0
-        self.online = Branch(model_cfg, with_global)
-        self.predictor = dense_mlp(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim)
+        with_global, with_dense = loss_cfg.global_weight > 0, loss_cfg.dense_weight > 0
+        if not (with_global or with_dense):
+            raise ValueError("loss.dense_weight and loss.global_weight are both 0: no loss to train on")
+        self.online = Branch(model_cfg, with_global, with_dense)
+        self.predictor = dense_mlp(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim) if with_dense else None
         self.global_predictor = (
             global_mlp(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim) if with_global else None
         )
@@ -237,29 +242,36 @@ class SelfEMD(nn.Module):
         x, y = _positions(p), _positions(z)  # (B, M, D), (B, N, D)
         return emd_similarity(x, y, gamma=c.gamma, n_iters=c.n_iters, weights=c.weights, impl=c.impl, grad=c.grad)
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> dict:
         # Each view goes through the network on its own, as in BYOL: BatchNorm statistics per
         # view, and the two views may have different sizes (224 and 160 give 7x7 and 5x5).
-        z1, g1 = self.online(v1)  # (B, D, H1, W1), (B, D)
-        z2, g2 = self.online(v2)  # (B, D, H2, W2), (B, D)
-        p1, p2 = self.predictor(z1), self.predictor(z2)  # (B, D, H1, W1), (B, D, H2, W2)
+        z1, g1, h1 = self.online(v1)  # (B, D, H1, W1), (B, D), (B, C5)
+        z2, g2, _ = self.online(v2)  # (B, D, H2, W2), (B, D)
         with torch.no_grad():
-            t1, tg1 = self.target(v1)  # (B, D, H1, W1), (B, D)
-            t2, tg2 = self.target(v2)  # (B, D, H2, W2), (B, D)
+            t1, tg1, _ = self.target(v1)  # (B, D, H1, W1), (B, D)
+            t2, tg2, _ = self.target(v2)  # (B, D, H2, W2), (B, D)
+        zero = torch.zeros((), device=v1.device)
+        loss, loss_emd, loss_global, similarity = zero, zero, zero, zero
+        # What fastemd.health reads on log steps: each tensor is computed for the loss anyway,
+        # so handing it out (detached) costs the step nothing.
+        maps = {"h1": h1.detach()}
 
-        # Each view's prediction is matched against the other view's target map.
-        s12 = self.dense_similarity(p1, t2)  # (B,)
-        s21 = self.dense_similarity(p2, t1)  # (B,)
-        loss_emd = ((2 - 2 * s12) + (2 - 2 * s21)).mean()
-        loss = loss_emd
+        if self.predictor is not None:
+            p1, p2 = self.predictor(z1), self.predictor(z2)  # (B, D, H1, W1), (B, D, H2, W2)
+            # Each view's prediction is matched against the other view's target map.
+            s12 = self.dense_similarity(p1, t2)  # (B,)
+            s21 = self.dense_similarity(p2, t1)  # (B,)
+            loss_emd = ((2 - 2 * s12) + (2 - 2 * s21)).mean()
+            loss = loss + self.loss_cfg.dense_weight * loss_emd
+            similarity = 0.5 * (s12.mean() + s21.mean()).detach()
+            maps.update(p1=p1.detach(), t2=t2)
         if self.global_predictor is not None:
             q1, q2 = self.global_predictor(g1), self.global_predictor(g2)  # (B, D)
             loss_global = (byol_loss(q1, tg2) + byol_loss(q2, tg1)).mean()
             loss = loss + self.loss_cfg.global_weight * loss_global
-        else:
-            loss_global = torch.zeros((), device=loss.device)
-        similarity = 0.5 * (s12.mean() + s21.mean()).detach()
-        return {"loss": loss, "loss_emd": loss_emd.detach(), "loss_global": loss_global.detach(), "similarity": similarity}
+            maps.update(q1=q1.detach(), tg2=tg2)
+        return {"loss": loss, "loss_emd": loss_emd.detach(), "loss_global": loss_global.detach(),
+                "similarity": similarity, "maps": maps}
 
     @torch.no_grad()
     def update_target(self, tau: float | torch.Tensor) -> None:

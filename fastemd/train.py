@@ -51,6 +51,8 @@ from fastemd.checkpoint import (
 )
 from fastemd.config import Config, to_toml
 from fastemd.dashboard import Dashboard, Meter, now
+from fastemd.health import KEYS as HEALTH_KEYS
+from fastemd.health import HealthMonitor, health_metrics, health_summary
 
 
 class TrainingError(RuntimeError):
@@ -89,6 +91,24 @@ def setup_distributed(device_choice: str) -> Env:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
     return Env(rank, world_size, local_rank, device)
+
+
+def pick_cpu_threads(requested: int, loader_threads: int, local_ranks: int = 1) -> int:
+    """Set torch's intra-op threads for a CPU run and return the count: `requested`, or for 0 the
+    cores this process may use, shared by the `local_ranks` processes of the node, less the
+    loader's `loader_threads` (DALI threads or loader processes), at least 1; with 0 and
+    OMP_NUM_THREADS set (by the user, or by torchrun), torch's setting is kept. torch's default
+    takes every core: beside the loader's workers that oversubscribes them, and its OpenMP
+    threads then wait on each other (a 0.15 s demo step took 11-16 s on a shared 2-core machine)."""
+    if requested > 0:
+        threads = requested
+    elif os.environ.get("OMP_NUM_THREADS"):  # the user (or torchrun) chose: keep it
+        return torch.get_num_threads()
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // max(1, local_ranks) - loader_threads)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_data(cfg: Config, env: Env) -> list[str]:
@@ -166,6 +186,9 @@ def train(cfg: Config) -> dict:
 
     env = setup_distributed(cfg.train.device)
     cuda = env.device.type == "cuda"
+    threads = torch.get_num_threads()
+    if not cuda:
+        threads = pick_cpu_threads(cfg.train.cpu_threads, cfg.data.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     out_dir = Path(cfg.train.out_dir)
     say = print if env.main else (lambda *a, **k: None)
 
@@ -287,7 +310,7 @@ def train(cfg: Config) -> dict:
         except ImportError:
             say("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
     say(f"fastemd: {len(files)} images, loader {loader_kind}, {env.world_size} rank(s) on {env.device.type}, "
-        f"global batch {global_batch}, peak lr {global_batch_lr(cfg.optim.base_lr, global_batch):.4g}, "
+        f"{'' if cuda else f'{threads} torch thread(s), '}global batch {global_batch}, peak lr {global_batch_lr(cfg.optim.base_lr, global_batch):.4g}, "
         f"{steps_per_epoch} steps/epoch, {run_steps} steps to run (schedules span {total_steps})")
 
     dash = Dashboard(run_steps, steps_per_epoch, start_step=step, mode=cfg.log.dashboard, enabled=env.main,
@@ -295,6 +318,9 @@ def train(cfg: Config) -> dict:
     buffers = list(model.buffers())  # BatchNorm running statistics of online and target
     keys = ("loss", "loss_emd", "loss_global", "similarity")
     window = torch.zeros(len(keys), device=env.device)  # sums over the log window, on the device
+    monitor = HealthMonitor(warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch))
+    warning = None  # the health warning shown now, if any
+    last_metrics: dict = {}  # the last log step's, for the summary
     window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None
     smooth = Meter()
     bad_in_row = 0
@@ -403,8 +429,10 @@ def train(cfg: Config) -> dict:
 
                     last = step == run_steps or step_in_epoch + 1 == steps_per_epoch
                     if window_steps and (step % cfg.log.every == 0 or last):
-                        means = (window / window_steps).tolist()  # syncs: log steps only
-                        m = dict(zip(keys, means))
+                        # Health signals of the last step's batch (fastemd/health.py): log steps only.
+                        signals = health_metrics(out["maps"], cfg.loss)
+                        means = torch.cat([window / window_steps, signals]).tolist()  # syncs: log steps only
+                        m = dict(zip(keys + HEALTH_KEYS, means))
                         m.update(step=step, total_steps=run_steps, epoch=epoch, step_in_epoch=step_in_epoch + 1,
                                  loss_smooth=smooth.update(m["loss"]), lr=float(lr_sched[step - 1]),
                                  tau=float(tau_sched[step - 1]), skipped_steps=skipped, fp16_overflows=overflows,
@@ -418,6 +446,14 @@ def train(cfg: Config) -> dict:
                                      data_wait_pct=100 * window_data_wait / elapsed,
                                      mfu=pair_flops * images_per_s / (peak * env.world_size) if peak else None,
                                      eta_s=(run_steps - step) * sec_per_step)
+                        now_warning = monitor.update(step, m)
+                        if now_warning and not warning:  # said once when it trips, then on the panel
+                            dash.print(f"fastemd: WARNING at step {step}: {now_warning}", style="bold red")
+                        elif warning and not now_warning:
+                            dash.print(f"fastemd: step {step}: the health warning cleared", style="green")
+                        warning = now_warning
+                        m["health_warning"] = warning
+                        last_metrics = m
                         dash.update(m)
                         if metrics_file:
                             # strict JSON (jq, pandas): a NaN mean of a window with a skipped step is null
@@ -425,8 +461,8 @@ def train(cfg: Config) -> dict:
                             metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
                             metrics_file.flush()
                         if tb is not None:
-                            for k in (*keys, "lr", "tau", "images_per_s", "data_wait_pct"):
-                                if k in m:  # the first window of a run has no timing yet
+                            for k in (*keys, *HEALTH_KEYS, "lr", "tau", "images_per_s", "data_wait_pct"):
+                                if m.get(k) is not None and math.isfinite(m[k]):  # no timing in the first window
                                     tb.add_scalar(f"train/{k}", m[k], step)
                         window.zero_()
                         window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, now()
@@ -491,6 +527,12 @@ def train(cfg: Config) -> dict:
         if "backbone" in result:
             say(f"  backbone:   {result['backbone']} (torchvision resnet state dict; "
                 f"`fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)")
+        if last_metrics:
+            say(f"  health:     {health_summary(last_metrics)}")
+        # A falling loss is no evidence of learning (SPEC 7): the probe measures the backbone.
+        data = "demo" if not cfg.data.sources else "LABELLED_VAL.json (e.g. instances_val2017.json)"
+        say(f"  is it better than random init? fastemd eval probe {result.get('backbone', last_ckpt)} --data {data}"
+            f"{'' if cfg.data.view1_size == 96 else f' --size {cfg.data.view1_size}'}")
     return result
 
 

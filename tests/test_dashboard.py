@@ -50,3 +50,25 @@ def test_meter_is_bias_corrected_and_ignores_nan():
     assert meter.update(2.0) == 2.0  # bias-corrected: the first value, not 0.2
     assert meter.update(float("nan")) == 2.0
     assert abs(meter.update(1.0) - (0.9 * 0.2 + 0.1) / (1 - 0.81)) < 1e-12
+
+
+HEALTH = dict(gap_dense=0.1123, gap_global=float("nan"), spread_dense=0.712, spread_global=float("nan"), rank=41.23,
+              sinkhorn_err=2.5e-4)
+
+
+def test_plain_line_shows_health_and_the_warning():
+    line = format_line({**METRICS, **HEALTH, "health_warning": None})
+    assert "gap +0.112/-" in line and "spread 0.71/-" in line and "rank 41.2" in line and "WARNING" not in line
+    line = format_line({**METRICS, **HEALTH, "health_warning": "collapse: spread dense 0.010"})
+    assert line.endswith("| WARNING collapse: spread dense 0.010")
+
+
+def test_rich_panel_shows_health_and_the_warning():
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=160, color_system=None)
+    dash = Dashboard(3200, 100, mode="rich", console=console)
+    dash.update({**METRICS, **HEALTH, "health_warning": "not learning: gap dense +0.001"})
+    dash.close()
+    text = buffer.getvalue()
+    for part in ["gap d/g", "+0.112/-", "spread d/g", "0.71/-", "41.2", "2.5e-04", "WARNING not learning: gap dense +0.001"]:
+        assert part in text, part

@@ -53,11 +53,29 @@ def test_scenes_are_textured_not_flat(tmp_path):
 
 
 def test_ensure_demo_data_reuses_and_repairs(tmp_path, monkeypatch):
+    from fastemd import demo_data
+
     monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path))
-    path = ensure_demo_data(num_images=3)
+    monkeypatch.setitem(demo_data.SPLITS, "train2017", (3, 0))
+    path = ensure_demo_data()
     assert path == tmp_path / "demo-coco" / "annotations" / "instances_train2017.json"
     stamp = path.stat().st_mtime_ns
-    assert ensure_demo_data(num_images=3) == path and path.stat().st_mtime_ns == stamp  # reused
+    assert ensure_demo_data() == path and path.stat().st_mtime_ns == stamp  # reused
     path.write_text("{not json")
-    ensure_demo_data(num_images=3)  # a damaged json is remade
+    ensure_demo_data()  # a damaged json is remade
     assert len(json.loads(path.read_text())["images"]) == 3
+    monkeypatch.setitem(demo_data.SPLITS, "train2017", (4, 0))  # another demo definition: made again
+    assert len(json.loads(ensure_demo_data().read_text())["images"]) == 4
+
+
+def test_the_held_out_split_has_other_scenes(tmp_path, monkeypatch):
+    from fastemd import demo_data
+
+    monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path))
+    monkeypatch.setitem(demo_data.SPLITS, "train2017", (2, 0))
+    monkeypatch.setitem(demo_data.SPLITS, "val2017", (2, 1))
+    train, val = ensure_demo_data(), ensure_demo_data(split="val2017")
+    assert val.name == "instances_val2017.json" and (tmp_path / "demo-coco" / "val2017").is_dir()
+    a = (tmp_path / "demo-coco" / "train2017" / "000000000001.jpg").read_bytes()
+    b = (tmp_path / "demo-coco" / "val2017" / "000000000001.jpg").read_bytes()
+    assert a != b and json.loads(val.read_text())["annotations"]

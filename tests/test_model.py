@@ -132,6 +132,30 @@ def test_global_branch_off_builds_no_global_heads():
     assert all(p.grad is not None for p in model.online_parameters())
 
 
+def test_dense_weight_zero_is_plain_byol(monkeypatch):
+    """loss.dense_weight = 0: no dense heads, no EMD call, the loss is BYOL's global loss alone."""
+    import fastemd.model as model_mod
+
+    monkeypatch.setattr(model_mod, "emd_similarity", lambda *a, **k: pytest.fail("EMD computed with dense_weight 0"))
+    model = tiny(dense_weight=0.0)
+    assert model.predictor is None and model.online.projector is None and model.target.projector is None
+    assert not any(k.startswith(("predictor.", "online.projector.")) for k in model.state_dict())
+    v1, v2 = views()
+    out = model(v1, v2)
+    with torch.no_grad():
+        on, tg = model.online, model.target
+        q1 = model.global_predictor(on.global_projector(on.backbone(v1).mean((2, 3))))
+        q2 = model.global_predictor(on.global_projector(on.backbone(v2).mean((2, 3))))
+        g1, g2 = tg.global_projector(tg.backbone(v1).mean((2, 3))), tg.global_projector(tg.backbone(v2).mean((2, 3)))
+    byol = (2 - 2 * F.cosine_similarity(q1, g2)) + (2 - 2 * F.cosine_similarity(q2, g1))
+    torch.testing.assert_close(out["loss"].detach(), byol.mean(), rtol=1e-5, atol=1e-5)
+    assert out["loss_emd"].item() == 0.0 and "p1" not in out["maps"]
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.online_parameters())  # DDP: nothing unused
+    with pytest.raises(ValueError, match="both 0"):
+        tiny(dense_weight=0.0, global_weight=0.0)
+
+
 def test_update_target_is_the_ema_formula():
     model = tiny()
     with torch.no_grad():  # make online and target differ everywhere
@@ -189,8 +213,11 @@ def test_views_of_different_sizes_and_symmetry():
     v1, v2 = views(b=3, s1=224, s2=160)  # C5 7x7 against 5x5
     out = model(v1, v2)
     assert model.online.backbone(v1).shape[-2:] == (7, 7) and model.online.backbone(v2).shape[-2:] == (5, 5)
+    maps = out.pop("maps")  # the detached tensors fastemd.health reads
     assert all(v.shape == () and v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
     assert -1 <= out["similarity"].item() <= 1
+    assert maps["p1"].shape[-2:] == (7, 7) and maps["t2"].shape[-2:] == (5, 5) and maps["h1"].shape == (3, 64)
+    assert not any(m.requires_grad for m in maps.values())
     swapped = model(v2, v1)  # the loss is symmetric in the views
     for k in out:
         torch.testing.assert_close(out[k].detach(), swapped[k].detach(), rtol=1e-5, atol=1e-5)
@@ -212,7 +239,11 @@ def test_channels_last_equals_contiguous():
     out = model(cl1, cl2)
     out["loss"].backward()
     for k in out:
-        torch.testing.assert_close(out[k].detach(), out_ref[k].detach(), rtol=1e-4, atol=1e-5)
+        if k == "maps":
+            for name, m in out[k].items():
+                torch.testing.assert_close(m, out_ref[k][name], rtol=1e-4, atol=1e-4)
+        else:
+            torch.testing.assert_close(out[k].detach(), out_ref[k].detach(), rtol=1e-4, atol=1e-5)
     # Gradients: the conv algorithms sum in another order and train-mode BN backward at batch 4
     # amplifies that fp32 noise elementwise; per tensor the relative difference stays ~3e-5.
     # (online.projector.3.bias has a zero gradient up to rounding: the predictor's BN removes it.)
@@ -251,7 +282,7 @@ def test_bf16_autocast_forward_and_backward():
     model = tiny()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(*views(b=4, s1=32, s2=32))
-    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for k, v in out.items() if k != "maps")
     out["loss"].backward()
     assert all(p.grad.dtype == torch.float32 for p in model.online_parameters())
 

@@ -1,0 +1,141 @@
+"""Is the run learning? Health signals read on log steps, and the warning they raise (SPEC 7).
+
+A falling loss says little: a BYOL-style loss also falls when the predictor learns to output the
+mean target direction while the backbone stays where it started. These signals tell the two apart
+from the tensors a training step computes anyway (`SelfEMD.forward` hands them out detached):
+
+- instance specificity: the similarity of a view's prediction to its own image's target (other
+  view) and to another image's target (the target batch rolled by one), dense (EMD) and global
+  (cosine), and their gap. The mean-direction effect raises both alike; only features that tell
+  images apart open a gap.
+- collapse: the per-channel standard deviation over the batch of the L2-normalised target
+  projections, dense (at each position) and global. Healthy near 1/sqrt(D), 0 when every image
+  gets the same output. Reported as `spread` = std x sqrt(D) (1 healthy, 0 collapsed).
+- effective rank (RankMe, Garrido et al. 2023): exp of the entropy of the normalised singular
+  values of the pooled C5 features of the batch (online, first view): at most min(batch, C5).
+- Sinkhorn health: the L1 error of the plan's column marginals after `loss.n_iters` (rows are
+  exact after the last update); 0 when converged, up to 2.
+
+Cost: nothing on other steps. On a log step: one EMD op on (first view's prediction, other
+view's target) for the plan, one on the rolled pair, a few reductions and an SVD of a
+(batch, C5) matrix, on one direction of the last step's batch (rank 0's shard), and one host
+read together with the step's other metrics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastemd.kernels import emd_similarity
+from fastemd.kernels.emd import marginals
+
+# Thresholds of the warning; see HealthMonitor.
+GAP_MIN = 0.02  # a gap below this, dense and global alike, is "no instance specificity"
+SPREAD_MIN = 0.1  # spread (std x sqrt(D)) below this is collapse
+PATIENCE = 3  # log steps in a row past warm-up before the gap warning (the spread warns at once)
+
+KEYS = ("sim_dense_own", "sim_dense_other", "gap_dense", "sim_global_own", "sim_global_other", "gap_global",
+        "spread_dense", "spread_global", "rank", "sinkhorn_err")
+
+
+def _positions(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+
+
+def spread(x: torch.Tensor) -> torch.Tensor:
+    """std x sqrt(D) over the images (dim 0) of the L2-normalised features x (B, D) or (B, N, D)
+    (N positions: each position's own std), per channel, averaged: 1 for isotropic features,
+    0 when every image gets the same output."""
+    x = F.normalize(x.float(), dim=-1)
+    return x.std(dim=0).mean() * math.sqrt(x.shape[-1])
+
+
+def effective_rank(x: torch.Tensor) -> torch.Tensor:
+    """RankMe: exp(entropy of p), p = singular values / their sum, of x (n, C); 1 when every
+    row is the same, up to min(n, C)."""
+    x = x.float()
+    finite = torch.isfinite(x).all()
+    # the SVD raises on a non-finite entry (a skipped step's batch): NaN instead, without a host sync
+    s = torch.linalg.svdvals(torch.where(finite, x, torch.zeros_like(x)))
+    p = s / s.sum().clamp_min(1e-12) + 1e-7
+    return torch.where(finite, torch.exp(-(p * p.log()).sum()), torch.full_like(s[0], float("nan")))
+
+
+@torch.no_grad()
+def health_metrics(maps: dict[str, torch.Tensor], loss_cfg) -> torch.Tensor:
+    """The signals of KEYS, as one fp32 tensor on the device (NaN where a branch is off);
+    `maps` as `SelfEMD.forward` returns them. No host synchronisation."""
+    h1 = maps["h1"]
+    nan = torch.full((), float("nan"), device=h1.device)
+    values = dict.fromkeys(KEYS, nan)
+    values["rank"] = effective_rank(h1)
+    if "p1" in maps:  # the dense branch
+        x, y = _positions(maps["p1"]).float(), _positions(maps["t2"]).float()  # (B, M, D), (B, N, D)
+        kw = dict(gamma=loss_cfg.gamma, n_iters=loss_cfg.n_iters, weights=loss_cfg.weights, impl=loss_cfg.impl)
+        own, plan = emd_similarity(x, y, return_plan=True, **kw)  # (B,), (B, M, N)
+        other = emd_similarity(x, y.roll(1, dims=0), **kw)  # (B,): another image's target
+        _, log_b = marginals(torch.bmm(x, y.transpose(1, 2)) if loss_cfg.weights == "cross" else plan,
+                             loss_cfg.weights)
+        values.update(sim_dense_own=own.mean(), sim_dense_other=other.mean(), gap_dense=(own - other).mean(),
+                      spread_dense=spread(y),
+                      sinkhorn_err=(plan.sum(dim=1) - log_b.exp()).abs().sum(dim=1).mean())
+    if "q1" in maps:  # the global branch
+        q, g = F.normalize(maps["q1"].float(), dim=1), F.normalize(maps["tg2"].float(), dim=1)  # (B, D)
+        own, other = (q * g).sum(1), (q * g.roll(1, dims=0)).sum(1)
+        values.update(sim_global_own=own.mean(), sim_global_other=other.mean(), gap_global=(own - other).mean(),
+                      spread_global=spread(g))
+    return torch.stack([values[k] for k in KEYS]).float()
+
+
+class HealthMonitor:
+    """Turns the log steps' signals into a warning (a string), or None while healthy.
+
+    - collapse: the dense or global spread below SPREAD_MIN at any log step past warm-up;
+    - no instance specificity: every branch's gap below GAP_MIN for PATIENCE log steps in a row
+      past warm-up (the first steps of a run have none yet; a gap that opens clears it).
+    Before `warmup_steps` (the lr warm-up) nothing is judged.
+    """
+
+    def __init__(self, warmup_steps: int, gap_min: float = GAP_MIN, spread_min: float = SPREAD_MIN,
+                 patience: int = PATIENCE):
+        self.warmup_steps, self.gap_min, self.spread_min, self.patience = warmup_steps, gap_min, spread_min, patience
+        self.flat = 0  # log steps in a row without a gap
+
+    def update(self, step: int, m: dict) -> str | None:
+        if step <= self.warmup_steps:
+            return None
+        spreads = {k: m.get(f"spread_{k}") for k in ("dense", "global")}
+        low = [f"{k} {v:.3f}" for k, v in spreads.items() if _finite(v) and v < self.spread_min]
+        if low:
+            return (f"collapse: the target projections' spread (per-channel std x sqrt(D); 1 healthy, 0 collapsed) "
+                    f"is {', '.join(low)}; lower optim.base_lr or raise ema.tau_base")
+        gaps = {k: m.get(f"gap_{k}") for k in ("dense", "global")}
+        gaps = {k: v for k, v in gaps.items() if _finite(v)}
+        self.flat = self.flat + 1 if gaps and all(v < self.gap_min for v in gaps.values()) else 0
+        if self.flat >= self.patience:
+            shown = ", ".join(f"{k} {v:+.3f}" for k, v in gaps.items())
+            return (f"not learning: a view's prediction is as close to another image's target as to its own "
+                    f"(gap {shown}, for {self.flat} log steps); the loss can fall without the backbone learning. "
+                    "Check with `fastemd eval probe`; raise optim.base_lr or train longer")
+        return None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def health_summary(m: dict) -> str:
+    """One line of the last log step's signals for the end-of-run summary."""
+    def fmt(key, spec):
+        v = m.get(key)
+        return "-" if not _finite(v) else spec.format(v)
+
+    text = (f"instance gap dense {fmt('gap_dense', '{:+.3f}')}, global {fmt('gap_global', '{:+.3f}')} "
+            f"(own minus another image's similarity); spread dense {fmt('spread_dense', '{:.2f}')}, "
+            f"global {fmt('spread_global', '{:.2f}')} (1 healthy, 0 collapsed); rank {fmt('rank', '{:.1f}')}")
+    if m.get("health_warning"):
+        text += f"; WARNING {m['health_warning']}"
+    return text

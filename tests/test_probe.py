@@ -1,0 +1,233 @@
+"""`fastemd eval probe`: each probe against hand-computed answers, the BatchNorm recalibration
+against the statistics it must reproduce, loading every backbone form, one-line errors, and the
+command on tiny demo data (where a backbone equal to split 0's random init must score exactly
+as that random init)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastemd.cli import main
+from fastemd.demo_data import make_demo_data
+from fastemd.eval.probe import (
+    ProbeError,
+    grouped_split,
+    knn_accuracy,
+    load_backbone,
+    load_probe_data,
+    logistic_accuracy,
+    random_backbone,
+    recalibrate_batchnorm,
+    retrieval_top1,
+)
+from fastemd.model import resnet
+
+
+@pytest.fixture(scope="module")
+def val_json(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.mktemp("demo"), num_images=10, seed=3, split="val2017")
+
+
+# The probes --------------------------------------------------------------------------------
+
+
+def test_knn_votes_by_exponentiated_similarity():
+    train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    train_y = torch.tensor([0, 0, 1])
+    test_x = torch.tensor([[0.2, 1.0], [1.0, 0.3]], dtype=torch.float64)
+    # k = 3: class 0 gets exp(cos/T) of both class-0 rows; class 1 that of the last row
+    acc = knn_accuracy(train_x, train_y, test_x, torch.tensor([1, 0]), classes=2, k=3, temperature=0.07)
+    assert acc == 1.0
+    # k = 1 with a query nearer the single class-1 row: class 1 even though class 0 has two rows
+    assert knn_accuracy(train_x, train_y, test_x[:1], torch.tensor([1]), classes=2, k=1) == 1.0
+    # large T: every vote ~1, the class with more of the k neighbours wins
+    assert knn_accuracy(train_x, train_y, test_x[:1], torch.tensor([0]), classes=2, k=3, temperature=1e6) == 1.0
+
+
+def test_retrieval_top1_counts_own_image_nearest():
+    first = torch.eye(4)
+    assert retrieval_top1(first, first * 2.0) == 1.0  # cosine: scale does not matter
+    assert retrieval_top1(first, first[[1, 0, 2, 3]]) == 0.5  # images 0 and 1 swapped
+    assert retrieval_top1(first, torch.ones(4, 4) + first * 1e-3) == 1.0  # a tiny own component decides
+
+
+def test_logistic_regression_separates_what_is_separable_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    n, d = 300, 8
+    y = torch.randint(0, 3, (n,), generator=g)
+    centres = torch.randn(3, d, generator=g) * 4
+    x = centres[y] + torch.randn(n, d, generator=g)
+    groups = np.arange(n) // 3
+    train, test = grouped_split(groups, 0.5, seed=0)
+    tr, te = torch.from_numpy(train), torch.from_numpy(test)
+    assert logistic_accuracy(x[tr], y[tr], x[te], y[te], 3, groups[train], seed=0) > 0.97
+    noise = torch.randn(n, d, generator=g)  # labels independent of the features: chance
+    acc = logistic_accuracy(noise[tr], y[tr], noise[te], y[te], 3, groups[train], seed=0)
+    assert abs(acc - 1 / 3) < 0.12
+
+
+def test_grouped_split_keeps_each_image_on_one_side():
+    groups = np.repeat(np.arange(20), [1, 2, 3, 4] * 5)
+    for seed in range(5):
+        train, test = grouped_split(groups, 0.3, seed)
+        assert (train ^ test).all()
+        assert not set(groups[train]) & set(groups[test])
+        assert len(set(groups[test])) == 6  # 30% of 20 images
+    a, b = grouped_split(groups, 0.3, 0), grouped_split(groups, 0.3, 1)
+    assert not np.array_equal(a[1], b[1])  # another seed, another split
+
+
+def test_batchnorm_recalibration_reproduces_the_statistics_of_the_inputs():
+    """After recalibration the first BatchNorm's running mean and variance are those of conv1's
+    output over all inputs (equal-size batches: the cumulative average is the overall mean)."""
+    torch.manual_seed(0)
+    model = resnet("resnet18", 8)
+    model.bn1.running_mean.fill_(5.0)  # statistics from elsewhere, to be replaced
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    recalibrate_batchnorm(model, pixels, batch=4, device=torch.device("cpu"))
+    assert not model.training and model.bn1.momentum == 0.1  # eval mode, momentum put back
+    from fastemd.pipelines.torch_loader import MEAN, STD
+
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(STD).view(1, 3, 1, 1) * 255)
+    with torch.no_grad():
+        y = model.conv1(x)  # (8, 8, 16, 16)
+    halves = y.split(4)
+    mean = torch.stack([h.mean((0, 2, 3)) for h in halves]).mean(0)
+    var = torch.stack([h.var((0, 2, 3), unbiased=True) for h in halves]).mean(0)  # BN keeps unbiased
+    torch.testing.assert_close(model.bn1.running_mean, mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.bn1.running_var, var, rtol=1e-4, atol=1e-5)
+
+
+# Backbones -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, width", [("resnet18", 8), ("resnet34", 8), ("resnet50", 8), ("resnet101", 4)])
+def test_arch_and_width_are_read_off_the_state_dict(tmp_path, arch, width):
+    torch.manual_seed(1)
+    model = resnet(arch, width)
+    path = tmp_path / "b.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_backbone(str(path))
+    assert (loaded.arch, loaded.width) == (arch, width)
+    for (k, a), b in zip(model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_training_checkpoint_loads_its_online_or_target_backbone(tmp_path):
+    online, target = resnet("resnet18", 8), resnet("resnet18", 8)
+    model = {**{f"online.backbone.{k}": v for k, v in online.state_dict().items()},
+             **{f"target.backbone.{k}": v for k, v in target.state_dict().items()}}
+    path = tmp_path / "step_00000007.pt"
+    torch.save({"model": model, "optimizer": {}, "step": 7, "config": {}}, path)
+    for network, expect in (("online", online), ("target", target)):
+        loaded = load_backbone(str(path), network)
+        assert torch.equal(loaded.model.conv1.weight, expect.conv1.weight)
+        assert f"{network} network, step 7" in loaded.source
+    # torchvision's own layout, `fc` included and DDP's `module.` prefix: fc ignored, prefix dropped
+    state = {f"module.{k}": v for k, v in online.state_dict().items()}
+    state.update({"module.fc.weight": torch.zeros(10, 512 // 8), "module.fc.bias": torch.zeros(10)})
+    torch.save(state, tmp_path / "tv.pth")
+    assert torch.equal(load_backbone(str(tmp_path / "tv.pth")).model.conv1.weight, online.conv1.weight)
+
+
+def test_bad_backbones_are_one_line_errors(tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "linear.pth")
+    sd = resnet("resnet18", 8).state_dict()
+    del sd["layer4.1.conv2.weight"]
+    torch.save(sd, tmp_path / "broken.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    cases = {"missing.pth": "no such file", "garbage.pth": "cannot be read", "linear.pth": "not a ResNet",
+             "broken.pth": "does not load", "list.pth": "not a state dict"}
+    for name, message in cases.items():
+        with pytest.raises(ProbeError, match=message) as info:
+            load_backbone(str(tmp_path / name))
+        assert "\n" not in str(info.value)
+
+
+def test_bad_data_is_a_one_line_error(tmp_path, val_json):
+    unlabelled = tmp_path / "annotations" / "image_info_val2017.json"
+    unlabelled.parent.mkdir()
+    unlabelled.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}]}))
+    (tmp_path / "bad.json").write_text("{")
+    for path, message in ((unlabelled, "no annotations"), (tmp_path / "bad.json", "not valid json"),
+                          (tmp_path / "none.json", "no such file")):
+        with pytest.raises(ProbeError, match=message):
+            load_probe_data(path, 32)
+    data = load_probe_data(val_json, 32)
+    assert data.crops.shape[1:] == (32, 32, 3) and data.crops.dtype == np.uint8
+    assert len(data.crops) == len(data.labels) == len(data.groups) and len(data.images) == 10
+    assert set(data.categories) <= {"ellipse", "rectangle", "triangle"}
+
+
+# The command ----------------------------------------------------------------------------------
+
+
+def test_probe_command_measures_the_backbone_beside_random_inits(tmp_path, val_json, capsys):
+    """BACKBONE = the random init of seed 0: split 0 (random init seed 0, the same views) must give
+    the same figures to both, the other splits other random inits."""
+    torch.save(random_backbone("resnet18", 8, seed=0).state_dict(), tmp_path / "r0.pth")
+    out = tmp_path / "probe.json"
+    assert main(["eval", "probe", str(tmp_path / "r0.pth"), "--data", str(val_json), "--size", "32", "--splits", "2",
+                 "--output", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "instance retrieval, top-1" in printed and "random init" in printed and "resnet18, width 8" in printed
+    result = json.loads(out.read_text())
+    assert result["arch"] == "resnet18" and result["splits"] == 2 and result["images"] == 10
+    for name, row in result["metrics"].items():
+        assert row["backbone"]["values"][0] == pytest.approx(row["random"]["values"][0], abs=1e-12), name
+        assert all(0 <= v <= 1 for v in row["backbone"]["values"] + row["random"]["values"])
+    assert math.isclose(result["retrieval_chance"], 0.1)
+
+
+def test_probe_command_errors_are_one_line(tmp_path, val_json, capsys):
+    assert main(["eval", "probe", str(tmp_path / "nope.pth"), "--data", str(val_json)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.pth: no such file" in err
+    torch.save(resnet("resnet18", 8).state_dict(), tmp_path / "b.pth")
+    assert main(["eval", "probe", str(tmp_path / "b.pth"), "--data", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json: no such file" in capsys.readouterr().err
+    assert main(["eval", "probe", str(tmp_path / "b.pth"), "--data", str(val_json), "--test-fraction", "1.5"]) == 2
+    assert "--test-fraction" in capsys.readouterr().err
+
+
+def test_probe_data_demo_is_the_held_out_split(tmp_path, monkeypatch):
+    from fastemd import demo_data
+    from fastemd.eval.probe import resolve_probe_data
+
+    monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path))
+    monkeypatch.setitem(demo_data.SPLITS, "val2017", (4, 1))
+    path = resolve_probe_data("demo")
+    assert path == tmp_path / "demo-coco" / "annotations" / "instances_val2017.json"
+    assert (tmp_path / "demo-coco" / "val2017").is_dir() and len(json.loads(path.read_text())["images"]) == 4
+    assert not (tmp_path / "demo-coco" / "train2017").exists()  # the probe never needs the training split
+    assert isinstance(random_backbone("resnet18", 8, 0), nn.Module)
+
+
+def test_learning_table_command_end_to_end(tmp_path, monkeypatch, capsys):
+    """`fastemd eval table` on a tiny demo: every row, each probed against the same random inits."""
+    from fastemd import demo_data
+
+    monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(demo_data.SPLITS, "train2017", (16, 0))
+    monkeypatch.setitem(demo_data.SPLITS, "val2017", (6, 1))
+    tiny = ["model.width=8", "model.proj_hidden=32", "model.proj_dim=16", "model.pred_hidden=32", "data.batch_size=8",
+            "data.view1_size=64", "data.view2_size=64", "data.workers=0", "data.loader=torch", "train.max_steps=2"]
+    out = tmp_path / "table"
+    assert main(["eval", "table", "--out", str(out), "--seeds", "0", "--splits", "2", "--control-epochs", "1",
+                 *tiny]) == 0
+    result = json.loads((out / "table.json").read_text())
+    assert list(result["rows"]) == ["random init (the probe's baseline)", "Self-EMD (dense + global)",
+                                    "dense only (EMD, loss.global_weight=0)", "global only (BYOL, loss.dense_weight=0)",
+                                    "supervised control (object categories)"]
+    randoms = [p["metrics"]["logistic"]["random"]["values"] for rows in result["probes"].values() for p in rows]
+    assert all(r == randoms[0] for r in randoms)  # one baseline for every row
+    assert "| Self-EMD (dense + global) |" in (out / "table.md").read_text()
+    assert (out / "selfemd_seed0" / "backbone_torchvision.pth").is_file()
+    assert main(["eval", "table", "--out", str(out), "--seeds", "0"]) == 2  # never over a finished table
+    assert "exists" in capsys.readouterr().err
