@@ -9,9 +9,16 @@ and `make_demo_data(root, split="val2017")` a held-out split beside it (other sc
 seed), which `fastemd eval probe --data demo` measures backbones on.
 
 laid out exactly like COCO so that every code path that reads COCO reads it too. Each scene is
-a textured background (stripes, checks, noise or a gradient) with several textured objects
+a textured background (stripes, checks, noise or a gradient) with two to five textured objects
 (ellipses, rectangles, triangles) at varied sizes; the boxes of the objects are written as
-COCO annotations. Sizes vary between 320 and 640 px per side.
+COCO annotations.
+
+Scenes are 160 to 288 px a side, textures have periods of 8 to 32 px: the demo's 96 px views
+then see a scene at about COCO's scale (a 224 px view of a 640 x 480 image), and a texture
+survives the crop and resize of either view. Larger scenes (320-640 px, an earlier version)
+turned the textures of a wide crop into aliasing and blur at 96 px, so that two views of one
+image shared little beyond colour, which the colour jitter then takes away: nothing for the
+pretext task to learn from in a few minutes (BENCHMARKS.md, "Is it learning?").
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ CATEGORIES = [
     {"id": 2, "name": "rectangle", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
-DEFAULT_NUM_IMAGES = 256
+DEFAULT_NUM_IMAGES = 1024
 SPLITS = {"train2017": (DEFAULT_NUM_IMAGES, 0), "val2017": (128, 1)}  # split: (images, seed) of the demo preset
+SCENE_SIZE = (160, 288)  # px a side, drawn per side
+PERIOD = (8, 32)  # px: stripe period, check cell; noise cells 0.7-0.6x of it
 
 
 def default_cache_dir() -> Path:
@@ -43,13 +52,13 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
     kind = rng.integers(4)
     if kind == 0:  # stripes at a random angle and period
-        angle, period = rng.uniform(0, np.pi), rng.uniform(6, 40)
+        angle, period = rng.uniform(0, np.pi), rng.uniform(*PERIOD)
         t = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
     elif kind == 1:  # checkerboard
-        cell = int(rng.integers(6, 40))
+        cell = int(rng.integers(*PERIOD))
         t = ((xx // cell + yy // cell) % 2).astype(np.float32)
-    elif kind == 2:  # smooth noise: a coarse random grid upsampled by repetition and blurred by sums
-        cell = int(rng.integers(4, 24))
+    elif kind == 2:  # blocky noise: a coarse random grid upsampled by repetition
+        cell = int(rng.integers(int(PERIOD[0] * 0.7), int(PERIOD[1] * 0.6)))
         grid = rng.uniform(0, 1, (h // cell + 2, w // cell + 2)).astype(np.float32)
         t = np.kron(grid, np.ones((cell, cell), np.float32))[:h, :w]
     else:  # linear gradient
@@ -74,12 +83,12 @@ def _shape_mask(rng: np.random.Generator, kind: int, h: int, w: int) -> np.ndarr
 
 def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     """One (H, W, 3) uint8 scene and its objects as {'bbox': [x, y, w, h], 'category_id', 'area'}."""
-    h, w = (int(s) for s in rng.integers(320, 641, size=2))
+    h, w = (int(s) for s in rng.integers(SCENE_SIZE[0], SCENE_SIZE[1] + 1, size=2))
     image = _texture(rng, h, w)
     objects = []
-    for _ in range(int(rng.integers(2, 7))):
-        oh = int(rng.integers(max(24, h // 10), h // 2))
-        ow = int(rng.integers(max(24, w // 10), w // 2))
+    for _ in range(int(rng.integers(2, 6))):
+        oh = int(rng.integers(max(24, h // 6), h // 2))
+        ow = int(rng.integers(max(24, w // 6), w // 2))
         y0, x0 = int(rng.integers(0, h - oh)), int(rng.integers(0, w - ow))
         kind = int(rng.integers(1, 4))
         mask = _shape_mask(rng, kind, oh, ow)

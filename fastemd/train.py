@@ -318,7 +318,7 @@ def train(cfg: Config) -> dict:
     buffers = list(model.buffers())  # BatchNorm running statistics of online and target
     keys = ("loss", "loss_emd", "loss_global", "similarity")
     window = torch.zeros(len(keys), device=env.device)  # sums over the log window, on the device
-    monitor = HealthMonitor(warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch))
+    monitor = HealthMonitor(warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), log_every=cfg.log.every)
     warning = None  # the health warning shown now, if any
     last_metrics: dict = {}  # the last log step's, for the summary
     window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None

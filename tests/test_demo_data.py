@@ -26,9 +26,9 @@ def test_make_demo_data_is_coco_and_decodes(tmp_path):
             im.load()
             assert im.format == "JPEG" and im.mode == "RGB"
             assert im.size == (info["width"], info["height"])
-            assert 320 <= im.width <= 640 and 320 <= im.height <= 640
+            assert 160 <= im.width <= 288 and 160 <= im.height <= 288  # demo_data.SCENE_SIZE
         anns = coco.loadAnns(coco.getAnnIds(imgIds=info["id"]))
-        assert 2 <= len(anns) <= 6
+        assert 2 <= len(anns) <= 5
         for ann in anns:
             x, y, w, h = ann["bbox"]
             assert x >= 0 and y >= 0 and x + w <= info["width"] and y + h <= info["height"]

@@ -73,18 +73,28 @@ def test_collapsed_features_trip_the_warning():
     assert warning is not None and warning.startswith("collapse")
 
 
-def test_no_gap_warns_only_after_warmup_and_patience_and_clears():
+def test_no_gap_warns_only_after_warmup_and_as_long_again_and_clears():
     flat = dict(gap_dense=0.001, gap_global=-0.004, spread_dense=0.8, spread_global=0.7)
-    monitor = HealthMonitor(warmup_steps=100, patience=3)
-    assert monitor.update(50, flat) is None  # warm-up: not judged
-    assert monitor.update(110, flat) is None and monitor.update(120, flat) is None
-    warning = monitor.update(130, flat)
-    assert warning is not None and warning.startswith("not learning") and "gap dense +0.001, global -0.004" in warning
-    assert monitor.update(140, {**flat, "gap_global": 0.2}) is None  # a gap opened: cleared
+    monitor = HealthMonitor(warmup_steps=100, log_every=10)
+    assert monitor.judge_from == 200
+    assert all(monitor.update(step, flat) is None for step in range(10, 200, 10))  # warm-up, then time to open
+    warning = monitor.update(200, flat)
+    assert warning is not None and warning.startswith("not learning") and "smoothed gap dense +0.001, global -0.004" in warning
+    # one noisy log step does not clear it (smoothed: 0.2 x 0.04 + 0.8 x 0.001 < 0.01) ...
+    assert monitor.update(210, {**flat, "gap_global": 0.04}) is not None
+    # ... a gap that opens does
+    assert monitor.update(220, {**flat, "gap_global": 0.2}) is None
+    # a run whose gap opens some steps after the warm-up (judged from step 60) is never warned about
+    monitor = HealthMonitor(warmup_steps=30, log_every=5)
+    gaps = [0.0] * 7 + [0.03] * 25  # steps 5..35 flat, open from step 40
+    assert all(monitor.update(5 * (i + 1), {**flat, "gap_dense": g, "gap_global": g}) is None
+               for i, g in enumerate(gaps))
     # with the global branch off (NaN), the dense gap alone decides
-    monitor = HealthMonitor(warmup_steps=0, patience=1)
-    assert monitor.update(1, {**flat, "gap_global": float("nan"), "gap_dense": 0.3}) is None
-    assert monitor.update(2, {**flat, "gap_global": float("nan")}) is not None
+    monitor = HealthMonitor(warmup_steps=0, log_every=1)
+    assert monitor.update(3, {**flat, "gap_global": float("nan"), "gap_dense": 0.3}) is None
+    assert all(monitor.update(s, {**flat, "gap_global": float("nan")}) is None for s in (4, 5))
+    warnings = [monitor.update(s, {**flat, "gap_global": float("nan")}) for s in range(6, 30)]
+    assert warnings[0] is None and warnings[-1] is not None  # 0.3 smoothed away over the log steps
 
 
 def test_sinkhorn_error_is_the_column_marginal_error_of_the_plan():

@@ -14,7 +14,11 @@ random init of the same architecture and width in the same run, with the same pr
 - BatchNorm. The running statistics of every model are recalibrated on the inputs being
   featurised (reset, one pass in train mode with cumulative averaging, then eval mode), so
   that statistics gathered at another view size or on other data penalise no model.
-- Features. C5, average-pooled: one vector per object or view.
+- Features. C5, average-pooled: one vector per object or view, each feature standardised
+  (centred and scaled) with the statistics of the reference set: the training side for the
+  category probes, all the views for retrieval. Pooled ReLU features share a large common
+  direction that would otherwise dominate every cosine; all three probes see the same
+  standardised features.
 - Category probe, on grouped splits (all objects of an image on one side; `--splits` of
   them, `--test-fraction` of the images held out): multinomial logistic regression on
   standardised features (L-BFGS; its L2 strength picked on the training side by an inner
@@ -311,10 +315,6 @@ def logistic_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
                       classes: int, train_groups: np.ndarray, seed: int) -> float:
     """Test accuracy of a multinomial logistic regression on standardised features (float64),
     its L2 strength picked from L2_GRID by an inner grouped split of the training side."""
-    def standardise(fit, *xs):
-        mean, std = fit.mean(0), fit.std(0).clamp_min(1e-6)
-        return [(x - mean) / std for x in xs]
-
     train_x, test_x = train_x.double(), test_x.double()
     inner_fit, inner_val = grouped_split(train_groups, 0.3, seed + 7919)
     best, best_acc = L2_GRID[0], -1.0
@@ -330,9 +330,16 @@ def logistic_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
     return ((ex @ w + b).argmax(1) == test_y).double().mean().item()
 
 
+def standardise(reference: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """Each x with every feature centred and scaled by the mean and std of `reference`."""
+    mean, std = reference.mean(0), reference.std(0).clamp_min(1e-6)
+    return [(x - mean) / std for x in xs]
+
+
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  classes: int, k: int = KNN_K, temperature: float = KNN_T) -> float:
-    """Weighted kNN on cosine similarity (DINO's): each of the k nearest votes exp(sim / T)."""
+    """Weighted kNN on cosine similarity (DINO's): each of the k nearest votes exp(sim / T).
+    Features as given (the probe standardises them first)."""
     sim = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T  # (test, train)
     top, index = sim.topk(min(k, len(train_x)), dim=1)
     votes = torch.zeros(len(test_x), classes, dtype=sim.dtype)
@@ -353,15 +360,18 @@ def probe_model(model: nn.Module, data: ProbeData, views: list[tuple[np.ndarray,
     objects = pooled_features(model, data.crops, batch, device)
     # BatchNorm statistics of all the views of the split at once, then each draw's features
     pooled_features(model, np.concatenate([v for pair in views for v in pair]), batch, device)
-    retrieval = [retrieval_top1(_eval_features(model, first, batch, device), _eval_features(model, second, batch, device))
-                 for first, second in views]
+    retrieval = []
+    for first, second in views:
+        a, b = _eval_features(model, first, batch, device), _eval_features(model, second, batch, device)
+        retrieval.append(retrieval_top1(*standardise(torch.cat([a, b]), a, b)))
     train, test = grouped_split(data.groups, test_fraction, split_seed)
     y = torch.from_numpy(data.labels)
     classes = len(data.categories)
     tr, te = torch.from_numpy(train), torch.from_numpy(test)
+    knn_train, knn_test = standardise(objects[tr], objects[tr], objects[te])
     return {
         "logistic": logistic_accuracy(objects[tr], y[tr], objects[te], y[te], classes, data.groups[train], split_seed),
-        "knn": knn_accuracy(objects[tr], y[tr], objects[te], y[te], classes),
+        "knn": knn_accuracy(knn_train, y[tr], knn_test, y[te], classes),
         "retrieval_top1": float(np.mean(retrieval)),
     }
 
