@@ -92,7 +92,7 @@ def _make_demo_data(args: argparse.Namespace, rest: list[str]) -> int:
     from fastemd.demo_data import make_demo_data
 
     try:
-        path = make_demo_data(args.dir, num_images=args.num_images, seed=args.seed)
+        path = make_demo_data(args.dir, num_images=args.num_images, seed=args.seed, split=args.split)
     except OSError as e:
         print(f"fastemd make-demo-data: error: {e}", file=sys.stderr)
         return 2
@@ -153,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         "make-demo-data",
         help="write the small synthetic COCO-format demo dataset",
         description="Write a COCO-format dataset of synthetic scenes (train2017/*.jpg and "
-        "annotations/instances_train2017.json), deterministic for a seed.",
+        "annotations/instances_train2017.json, or another --split), deterministic for a seed.",
     )
     demo.add_argument("dir", help="output folder (created if missing)")
-    demo.add_argument("--num-images", type=positive_int, default=256, help="number of images (default 256)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--num-images", type=positive_int, default=1024, help="number of images (default 1024)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0; the demo's held-out split uses 1)")
+    demo.add_argument("--split", default="train2017", choices=["train2017", "val2017"],
+                      help="COCO split name: SPLIT/*.jpg and annotations/instances_SPLIT.json (default train2017)")
     demo.set_defaults(_run=_make_demo_data)
 
     # The subcommands below import their modules to build their options.

@@ -316,9 +316,13 @@ def train(cfg: Config) -> dict:
     dash = Dashboard(run_steps, steps_per_epoch, start_step=step, mode=cfg.log.dashboard, enabled=env.main,
                      title=f"fastemd {cfg.preset}: {cfg.model.arch} on {env.world_size}x {env.device.type}")
     buffers = list(model.buffers())  # BatchNorm running statistics of online and target
+    # Their copy from before each step, allocated once (torch 2.11 has no _foreach_clone; a
+    # foreach copy into fixed tensors is one call a step on every version).
+    buffers_before = [b.detach().clone() for b in buffers]
     keys = ("loss", "loss_emd", "loss_global", "similarity")
     window = torch.zeros(len(keys), device=env.device)  # sums over the log window, on the device
-    monitor = HealthMonitor(warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), log_every=cfg.log.every)
+    monitor = HealthMonitor(warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), total_steps=total_steps,
+                            log_every=cfg.log.every)
     warning = None  # the health warning shown now, if any
     last_metrics: dict = {}  # the last log step's, for the summary
     window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None
@@ -369,7 +373,7 @@ def train(cfg: Config) -> dict:
 
                     # BatchNorm running statistics change in the forward itself: keep a copy (a few
                     # hundred kB) so that a skipped step can put them back, NaN-free.
-                    buffers_before = torch._foreach_clone(buffers)
+                    torch._foreach_copy_(buffers_before, buffers)
                     loss_sum = torch.zeros((), device=env.device)
                     for micro in range(accum):
                         t0 = now()

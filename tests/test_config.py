@@ -66,10 +66,13 @@ def test_overrides_do_not_leak_between_presets():
     ("optim.base_lr=nan", "optim.base_lr must be a finite number, got nan"),
     ("loss.gamma=inf", "loss.gamma must be a finite number, got inf"),
     ("train.max_bad_steps=0", "train.max_bad_steps must be > 0"),
+    ("train.cpu_threads=-1", "train.cpu_threads must be >= 0"),
+    ("loss.dense_weight=-1", "loss.dense_weight must be >= 0"),
+    ("loss.dense_weight=0,loss.global_weight=0", "loss.dense_weight and loss.global_weight are both 0"),
 ])
 def test_bad_overrides_raise_one_line_errors(override, message):
     with pytest.raises(C.ConfigError) as err:
-        C.resolve("demo", None, [override])
+        C.resolve("demo", None, override.split(","))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -74,8 +74,16 @@ def test_the_held_out_split_has_other_scenes(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path))
     monkeypatch.setitem(demo_data.SPLITS, "train2017", (2, 0))
     monkeypatch.setitem(demo_data.SPLITS, "val2017", (2, 1))
-    train, val = ensure_demo_data(), ensure_demo_data(split="val2017")
+    ensure_demo_data()
+    val = ensure_demo_data(split="val2017")
     assert val.name == "instances_val2017.json" and (tmp_path / "demo-coco" / "val2017").is_dir()
     a = (tmp_path / "demo-coco" / "train2017" / "000000000001.jpg").read_bytes()
     b = (tmp_path / "demo-coco" / "val2017" / "000000000001.jpg").read_bytes()
     assert a != b and json.loads(val.read_text())["annotations"]
+
+
+def test_make_demo_data_writes_the_held_out_split(tmp_path, capsys):
+    assert main(["make-demo-data", str(tmp_path), "--num-images", "2", "--seed", "1", "--split", "val2017"]) == 0
+    assert (tmp_path / "annotations" / "instances_val2017.json").is_file()
+    assert len(list((tmp_path / "val2017").glob("*.jpg"))) == 2 and not (tmp_path / "train2017").exists()
+    assert "wrote 2 images" in capsys.readouterr().out

@@ -57,7 +57,7 @@ def test_instance_specific_features_open_a_gap_and_pass():
     # against another image's random map it still matches each position to its best partners (~0.3)
     assert s["sim_dense_own"] > 0.99 and 0 < s["sim_dense_other"] < 0.5 and s["gap_dense"] > 0.5
     assert s["spread_dense"] == pytest.approx(1.0, abs=0.1) and s["spread_global"] == pytest.approx(1.0, abs=0.15)
-    assert HealthMonitor(warmup_steps=0).update(10, s) is None
+    assert HealthMonitor(warmup_steps=0, total_steps=10).update(10, s) is None
 
 
 def test_collapsed_features_trip_the_warning():
@@ -69,13 +69,16 @@ def test_collapsed_features_trip_the_warning():
     assert s["gap_dense"] == pytest.approx(0.0, abs=1e-6) and s["gap_global"] == pytest.approx(0.0, abs=1e-6)
     assert s["spread_dense"] == pytest.approx(0.0, abs=1e-3) and s["spread_global"] == pytest.approx(0.0, abs=1e-3)
     assert s["rank"] == pytest.approx(1.0, abs=1e-3)
-    warning = HealthMonitor(warmup_steps=0).update(10, s)
+    warning = HealthMonitor(warmup_steps=0, total_steps=10).update(10, s)
     assert warning is not None and warning.startswith("collapse")
 
 
-def test_no_gap_warns_only_after_warmup_and_as_long_again_and_clears():
+def test_no_gap_warns_only_well_after_warmup_and_clears():
     flat = dict(gap_dense=0.001, gap_global=-0.004, spread_dense=0.8, spread_global=0.7)
-    monitor = HealthMonitor(warmup_steps=100, log_every=10)
+    assert HealthMonitor(warmup_steps=32, total_steps=1280, log_every=10).judge_from == 32 + 192  # 15% of the run
+    assert HealthMonitor(warmup_steps=280, total_steps=1000, log_every=10).judge_from == 560  # the warm-up again
+    assert HealthMonitor(warmup_steps=0, total_steps=10, log_every=10).judge_from == 30  # three log steps
+    monitor = HealthMonitor(warmup_steps=100, total_steps=400, log_every=10)
     assert monitor.judge_from == 200
     assert all(monitor.update(step, flat) is None for step in range(10, 200, 10))  # warm-up, then time to open
     warning = monitor.update(200, flat)
@@ -85,12 +88,12 @@ def test_no_gap_warns_only_after_warmup_and_as_long_again_and_clears():
     # ... a gap that opens does
     assert monitor.update(220, {**flat, "gap_global": 0.2}) is None
     # a run whose gap opens some steps after the warm-up (judged from step 60) is never warned about
-    monitor = HealthMonitor(warmup_steps=30, log_every=5)
+    monitor = HealthMonitor(warmup_steps=30, total_steps=100, log_every=5)
     gaps = [0.0] * 7 + [0.03] * 25  # steps 5..35 flat, open from step 40
     assert all(monitor.update(5 * (i + 1), {**flat, "gap_dense": g, "gap_global": g}) is None
                for i, g in enumerate(gaps))
     # with the global branch off (NaN), the dense gap alone decides
-    monitor = HealthMonitor(warmup_steps=0, log_every=1)
+    monitor = HealthMonitor(warmup_steps=0, total_steps=10, log_every=1)
     assert monitor.update(3, {**flat, "gap_global": float("nan"), "gap_dense": 0.3}) is None
     assert all(monitor.update(s, {**flat, "gap_global": float("nan")}) is None for s in (4, 5))
     warnings = [monitor.update(s, {**flat, "gap_global": float("nan")}) for s in range(6, 30)]

@@ -542,3 +542,30 @@ def test_fp16_overflow_skips_lars_and_ema_without_counting_a_bad_step(demo_json,
     # step 2 at least (a tiny model may also overflow the initial scale of 2**16 on its own)
     assert result["fp16_overflows"] >= 1 and result["skipped_steps"] == 0 and result["step"] == 4
     assert calls["ema"] == 4 - result["fp16_overflows"]
+
+
+def test_cpu_threads_leave_the_loaders_cores_alone(monkeypatch):
+    """train.cpu_threads=0: the cores this process may use, per local rank, less the loader's
+    workers, at least 1; an explicit count wins; OMP_NUM_THREADS set by the user is kept."""
+    from fastemd.train import pick_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+        assert pick_cpu_threads(0, loader_threads=2) == 6 and torch.get_num_threads() == 6
+        assert pick_cpu_threads(0, loader_threads=1, local_ranks=2) == 3  # 8 cores shared by 2 ranks
+        assert pick_cpu_threads(0, loader_threads=9) == 1
+        assert pick_cpu_threads(3, loader_threads=2) == 3 and torch.get_num_threads() == 3
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert pick_cpu_threads(0, loader_threads=1) == 2  # the user's (or torchrun's) choice stands
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_runs_without_torch_foreach_clone(demo_json, tmp_path, monkeypatch):
+    """torch 2.11 (the GPU machines' image) has no torch._foreach_clone: the step must not need it."""
+    monkeypatch.delattr(torch, "_foreach_clone", raising=False)
+    result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=3"))
+    assert result["ended"] == "finished" and result["step"] == 3

@@ -381,9 +381,10 @@ METRICS = {"logistic": "category, logistic regression", "knn": f"category, kNN (
 
 
 def run_probe(backbone: Backbone, data: ProbeData, splits: int = 3, seed: int = 0, test_fraction: float = 0.5,
-              size: int = 96, batch: int = 128, device: torch.device = torch.device("cpu"),
+              size: int = 96, batch: int = 128, device: torch.device | None = None,
               draws: int = 4, progress=None) -> dict:
     """The backbone and a random init of its shape on `splits` grouped splits; a JSON-able dict."""
+    device = device or torch.device("cpu")
     results = {"backbone": [], "random": []}
     for k in range(splits):
         split_seed = seed + k
