@@ -7,7 +7,8 @@ data-loader state (`data`: one dict per rank), the resolved config and the git r
 
 Writing: to `step_X.pt.tmp` in the same folder, flush + fsync, rename over the final name,
 fsync the folder. A crash at any point leaves either the old set of checkpoints or the new one,
-never a half-written file under a final name. Older checkpoints (lower step numbers) beyond
+never a half-written file under a final name; a write that fails removes its temporary file,
+and the next good save removes any left by a killed process. Older checkpoints (lower step numbers) beyond
 `keep_last` are removed only after the new one is in place; pruning never removes the new one,
 nor anything numbered above it.
 
@@ -86,12 +87,18 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int)
     path = checkpoint_path(out_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (disk full, an interrupt) leaves no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+    for stray in path.parent.glob("step_*.pt.tmp"):  # left by a process killed mid-write (kill -9)
+        stray.unlink(missing_ok=True)
     older = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) < step]
     for old in older[:max(0, len(older) - (keep_last - 1))]:  # keep_last counts the new one
         old.unlink(missing_ok=True)

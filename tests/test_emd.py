@@ -72,6 +72,28 @@ def test_sinkhorn_log_matches_pot_on_random_costs(M, N, gamma):
         assert abs(s_ref - s_pot) < 1e-5
 
 
+@pytest.mark.parametrize("M,N", [(37, 23), (49, 49), (9, 25)])
+@pytest.mark.parametrize("gamma", [0.05, 0.03])
+def test_sinkhorn_log_matches_pot_at_the_production_iteration_count(M, N, gamma):
+    """20 iterations, as trained (loss.n_iters), against POT's log-domain Sinkhorn stopped at 20
+    (stopThr=0: never early). Unlike a converged comparison, this pins the update order (g then
+    f, from f = 0) and the iteration count: both move the plan at 20 iterations."""
+    ot = pytest.importorskip("ot")
+    g = torch.Generator().manual_seed(M * N)
+    cost = 2.0 * torch.rand(3, M, N, dtype=torch.float64, generator=g)
+    a = torch.rand(3, M, dtype=torch.float64, generator=g) + 0.1
+    b = torch.rand(3, N, dtype=torch.float64, generator=g) + 0.1
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    plan = emd_mod.sinkhorn_log(cost, a.log(), b.log(), gamma, 20)  # float64: POT's precision
+    for i in range(3):
+        expected = ot.sinkhorn(a[i].numpy(), b[i].numpy(), cost[i].numpy(), gamma, method="sinkhorn_log",
+                               numItermax=20, stopThr=0.0)
+        np.testing.assert_allclose(plan[i].numpy(), expected, atol=1e-10, rtol=1e-8)
+        converged = ot.sinkhorn(a[i].numpy(), b[i].numpy(), cost[i].numpy(), gamma, method="sinkhorn_log",
+                                numItermax=20_000, stopThr=1e-12)
+        assert np.abs(expected - converged).max() > 1e-6  # 20 iterations are not yet converged here
+
+
 @pytest.mark.parametrize("weights", ["uniform", "cross"])
 def test_reference_similarity_matches_pot_end_to_end(weights):
     ot = pytest.importorskip("ot")

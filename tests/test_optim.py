@@ -134,6 +134,27 @@ def test_trainer_setting_wd_on_every_group_leaves_1d_params_plain_sgd():
             assert 0 < step < 0.01 * 0.2 * (q.grad + 0.5 * q.detach()).norm()
 
 
+def test_every_1d_parameter_moves_by_lr_times_its_momentum_buffer_of_raw_gradients():
+    """Several LARS steps with weight decay and the trust ratio on: each 1-D parameter (BN gamma
+    and beta, biases) moves by exactly -lr * buf, buf = momentum * buf + raw gradient; no decay,
+    no trust ratio. (A first step alone cannot tell buf from the gradient.)"""
+    net = tiny_net()
+    opt = LARS(net.parameters(), lr=0.3, momentum=0.9, weight_decay=0.5, eta=1e-3)
+    vectors = [p for p in net.parameters() if p.ndim == 1]
+    bufs = [torch.zeros_like(p) for p in vectors]
+    for k, lr in enumerate((0.3, 0.1, 0.2)):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad()
+        loss_of(net, *batch(k)).backward()
+        before = [p.detach().clone() for p in vectors]
+        for i, p in enumerate(vectors):
+            bufs[i] = 0.9 * bufs[i] + p.grad
+        opt.step()
+        for p, w0, buf in zip(vectors, before, bufs):
+            torch.testing.assert_close(p.detach(), w0 - lr * buf, rtol=1e-6, atol=1e-6)
+
+
 def test_build_optimizer_names():
     net = tiny_net()
     lars = build_optimizer(net, OptimConfig(name="lars", eta=2e-3))
