@@ -45,3 +45,17 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+# SPEC section 3 (BYOL's asymmetric recipe), written out once from the SPEC table: both loaders'
+# tests check their recipe and their draws against these numbers, never against the recipe object
+# the loaders are built from (a wrong value there would pass a test that compares to it).
+_SPEC_COMMON = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.4,
+                    contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2, sigma=(0.1, 2.0), solarize_threshold=128)
+SPEC_VIEWS = ({**_SPEC_COMMON, "blur_p": 1.0, "solarize_p": 0.0}, {**_SPEC_COMMON, "blur_p": 0.1, "solarize_p": 0.2})
+
+
+@pytest.fixture
+def spec_views():
+    """The two views of SPEC section 3 as dicts of ViewRecipe field values (size aside)."""
+    return SPEC_VIEWS

@@ -183,8 +183,9 @@ def _ks_statistic(a, b):
     return np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)).max()
 
 
-def test_parameter_distributions_match_the_reference(tmp_path):
-    """DALI's draws vs the reference sampler on the same image size, within sampling error."""
+def test_parameter_distributions_match_the_reference(tmp_path, spec_views):
+    """DALI's draws vs the reference sampler on the same image size, within sampling error, and
+    their rates against SPEC's numbers (not the recipe's: a wrong recipe would fool both)."""
     files = _dataset(tmp_path, n=8, fmt="jpg", size=(80, 60), unique_heights=False)
     batch, steps = 64, 12
     loader = _loader(files * (batch * steps // 8), batch_size=batch, view_sizes=(16, 16), workers=2)
@@ -209,10 +210,16 @@ def test_parameter_distributions_match_the_reference(tmp_path):
                            ("brightness", dali["brightness"], ref["brightness"]),
                            ("hue", dali["hue_degrees"], ref["hue_degrees"]), ("sigma", dali["sigma"], ref["sigma"])]:
             assert _ks_statistic(a, b) < critical, (view, name)
-        for name, p in [("flip", recipe.flip_p), ("jitter", recipe.jitter_p), ("gray", recipe.gray_p),
-                        ("blur", recipe.blur_p), ("solarize", recipe.solarize_p)]:
+        for name in ("flip", "jitter", "gray", "blur", "solarize"):
+            p = spec_views[view][f"{name}_p"]
             tolerance = 4.5 * math.sqrt(p * (1 - p) / n) + 1e-9
             assert abs(dali[name].astype(float).mean() - p) <= tolerance, (view, name)
+        # the ranges of the continuous draws, against SPEC's bounds
+        spec = spec_views[view]
+        assert dali_area.min() >= spec["crop_scale"][0] * 0.9 and dali_area.max() <= 1.0
+        assert 1 - spec["brightness"] <= dali["brightness"].min() and dali["brightness"].max() <= 1 + spec["brightness"]
+        assert abs(dali["hue_degrees"]).max() <= spec["hue"] * 360
+        assert spec["sigma"][0] <= dali["sigma"].min() and dali["sigma"].max() <= spec["sigma"][1]
 
 
 def test_replaying_dali_draws_through_the_reference_gives_dali_pixels(tmp_path):

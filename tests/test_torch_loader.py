@@ -110,7 +110,14 @@ def test_crop_sampler_matches_torchvision_rule():
     assert (0, (1000 - round(10 * 4 / 3)) // 2, 10, round(10 * 4 / 3)) in crops
 
 
-def test_sampled_rates_match_the_recipe():
+def test_the_recipe_is_spec(spec_views):
+    import dataclasses
+
+    for recipe, spec, size in zip(byol_recipes((224, 160)), spec_views, (224, 160)):
+        assert dataclasses.asdict(recipe) == {**spec, "size": size}
+
+
+def test_sampled_rates_match_spec(spec_views):
     v1, v2 = byol_recipes((224, 160))
     rng = np.random.default_rng(0)
     n = 4000
@@ -120,9 +127,10 @@ def test_sampled_rates_match_the_recipe():
     def rate(ps, key):
         return np.mean([p[key] for p in ps])
 
-    for ps, key, p in [(p1, "flip", 0.5), (p1, "jitter", 0.8), (p1, "gray", 0.2), (p1, "blur", 1.0),
-                       (p1, "solarize", 0.0), (p2, "blur", 0.1), (p2, "solarize", 0.2)]:
-        assert abs(rate(ps, key) - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-9, key
+    for ps, spec in ((p1, spec_views[0]), (p2, spec_views[1])):
+        for key in ("flip", "jitter", "gray", "blur", "solarize"):
+            p = spec[f"{key}_p"]
+            assert abs(rate(ps, key) - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-9, key
     brightness = np.array([p["brightness"] for p in p1])
     assert brightness.min() >= 0.6 and brightness.max() <= 1.4 and abs(brightness.mean() - 1) < 0.02
 
