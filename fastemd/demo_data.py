@@ -38,6 +38,8 @@ DEFAULT_NUM_IMAGES = 1024
 SPLITS = {"train2017": (DEFAULT_NUM_IMAGES, 0), "val2017": (128, 1)}  # split: (images, seed) of the demo preset
 SCENE_SIZE = (160, 288)  # px a side, drawn per side
 PERIOD = (8, 32)  # px: stripe period, check cell; noise cells 0.7-0.6x of it
+# Written into every split's json: a cached split made by another generator is made again.
+GENERATOR = {"version": 2, "scene_size": list(SCENE_SIZE), "period": list(PERIOD)}
 
 
 def default_cache_dir() -> Path:
@@ -125,7 +127,8 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
         images.append({"id": image_id, "file_name": name, "height": pixels.shape[0], "width": pixels.shape[1]})
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
-    info = {"description": f"fastemd demo dataset (synthetic scenes), {split}", "version": "1.0", "seed": seed}
+    info = {"description": f"fastemd demo dataset (synthetic scenes), {split}", "version": "2.0", "seed": seed,
+            "generator": GENERATOR}
     data = {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
     json_path = root / "annotations" / f"instances_{split}.json"
     tmp = json_path.with_suffix(".json.tmp")
@@ -142,8 +145,9 @@ def ensure_demo_data(root: str | Path | None = None, split: str = "train2017") -
     if json_path.is_file():
         try:
             info = json.loads(json_path.read_text())
-            if len(info["images"]) == num_images and info["info"]["seed"] == seed:
+            if (len(info["images"]) == num_images and info["info"]["seed"] == seed
+                    and info["info"].get("generator") == GENERATOR):
                 return json_path
         except (ValueError, KeyError, TypeError):
-            pass  # a damaged or different dataset is made again below
+            pass  # a damaged or different dataset (or an earlier generator's) is made again below
     return make_demo_data(root, num_images=num_images, seed=seed, split=split)

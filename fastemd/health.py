@@ -75,11 +75,13 @@ def health_metrics(maps: dict[str, torch.Tensor], loss_cfg) -> torch.Tensor:
     values = dict.fromkeys(KEYS, nan)
     values["rank"] = effective_rank(h1)
     if "p1" in maps:  # the dense branch
-        x, y = _positions(maps["p1"]).float(), _positions(maps["t2"]).float()  # (B, M, D), (B, N, D)
+        # The maps' own dtype (bf16 under autocast), as the loss calls the op: the fused kernel's
+        # tile limit for fp32 inputs is smaller, and the op computes in fp32 either way.
+        x, y = _positions(maps["p1"]), _positions(maps["t2"])  # (B, M, D), (B, N, D)
         kw = dict(gamma=loss_cfg.gamma, n_iters=loss_cfg.n_iters, weights=loss_cfg.weights, impl=loss_cfg.impl)
         own, plan = emd_similarity(x, y, return_plan=True, **kw)  # (B,), (B, M, N)
         other = emd_similarity(x, y.roll(1, dims=0), **kw)  # (B,): another image's target
-        _, log_b = marginals(torch.bmm(x, y.transpose(1, 2)) if loss_cfg.weights == "cross" else plan,
+        _, log_b = marginals(torch.bmm(x.float(), y.float().transpose(1, 2)) if loss_cfg.weights == "cross" else plan,
                              loss_cfg.weights)
         values.update(sim_dense_own=own.mean(), sim_dense_other=other.mean(), gap_dense=(own - other).mean(),
                       spread_dense=spread(y),
@@ -108,8 +110,10 @@ class HealthMonitor:
         self.warmup_steps, self.gap_min, self.spread_min = warmup_steps, gap_min, spread_min
         self.judge_from = warmup_steps + max(warmup_steps, math.ceil(0.15 * total_steps), 3 * log_every)
         self.smoothed: dict[str, float] = {}
+        self.seen = 0  # log steps smoothed so far (a resumed run starts again: judged after a few)
 
     def update(self, step: int, m: dict) -> str | None:
+        self.seen += 1
         for k in ("dense", "global"):
             v = m.get(f"gap_{k}")
             if _finite(v):
@@ -122,7 +126,8 @@ class HealthMonitor:
         if low:
             return (f"collapse: the target projections' spread (per-channel std x sqrt(D); 1 healthy, 0 collapsed) "
                     f"is {', '.join(low)}; lower optim.base_lr or raise ema.tau_base")
-        if step >= self.judge_from and self.smoothed and all(v < self.gap_min for v in self.smoothed.values()):
+        if (step >= self.judge_from and self.seen >= 3 and self.smoothed
+                and all(v < self.gap_min for v in self.smoothed.values())):
             shown = ", ".join(f"{k} {v:+.3f}" for k, v in self.smoothed.items())
             return (f"not learning: a view's prediction is as close to another image's target as to its own "
                     f"(smoothed gap {shown}); the loss can fall without the backbone learning. "

@@ -433,8 +433,10 @@ def train(cfg: Config) -> dict:
 
                     last = step == run_steps or step_in_epoch + 1 == steps_per_epoch
                     if window_steps and (step % cfg.log.every == 0 or last):
-                        # Health signals of the last step's batch (fastemd/health.py): log steps only.
-                        signals = health_metrics(out["maps"], cfg.loss)
+                        # Health signals of the last step's batch (fastemd/health.py): log steps only,
+                        # rank 0 only (the others show nothing).
+                        signals = (health_metrics(out["maps"], cfg.loss) if env.main
+                                   else torch.full((len(HEALTH_KEYS),), float("nan"), device=env.device))
                         means = torch.cat([window / window_steps, signals]).tolist()  # syncs: log steps only
                         m = dict(zip(keys + HEALTH_KEYS, means))
                         m.update(step=step, total_steps=run_steps, epoch=epoch, step_in_epoch=step_in_epoch + 1,

@@ -66,6 +66,10 @@ def test_ensure_demo_data_reuses_and_repairs(tmp_path, monkeypatch):
     assert len(json.loads(path.read_text())["images"]) == 3
     monkeypatch.setitem(demo_data.SPLITS, "train2017", (4, 0))  # another demo definition: made again
     assert len(json.loads(ensure_demo_data().read_text())["images"]) == 4
+    stamp = path.stat().st_mtime_ns
+    monkeypatch.setattr(demo_data, "GENERATOR", {**demo_data.GENERATOR, "version": 0})  # an earlier generator's
+    ensure_demo_data()
+    assert path.stat().st_mtime_ns != stamp and json.loads(path.read_text())["info"]["generator"]["version"] == 0
 
 
 def test_the_held_out_split_has_other_scenes(tmp_path, monkeypatch):

@@ -100,6 +100,13 @@ def test_no_gap_warns_only_well_after_warmup_and_clears():
     assert warnings[0] is None and warnings[-1] is not None  # 0.3 smoothed away over the log steps
 
 
+def test_a_resumed_run_is_judged_only_after_a_few_log_steps():
+    """Resumed past judge_from, the monitor starts with no history: one noisy low gap is no verdict."""
+    flat = dict(gap_dense=0.001, gap_global=0.002, spread_dense=0.8, spread_global=0.7)
+    monitor = HealthMonitor(warmup_steps=10, total_steps=100, log_every=1)
+    assert [monitor.update(s, flat) is None for s in (500, 501, 502)] == [True, True, False]
+
+
 def test_sinkhorn_error_is_the_column_marginal_error_of_the_plan():
     torch.manual_seed(0)
     B, M, N = 8, 9, 4

@@ -81,26 +81,32 @@ def test_grouped_split_keeps_each_image_on_one_side():
     assert not np.array_equal(a[1], b[1])  # another seed, another split
 
 
-def test_batchnorm_recalibration_reproduces_the_statistics_of_the_inputs():
-    """After recalibration the first BatchNorm's running mean and variance are those of conv1's
-    output over all inputs (equal-size batches: the cumulative average is the overall mean)."""
+@pytest.mark.parametrize("n, batch", [(8, 4), (7, 4), (9, 8)])
+def test_batchnorm_recalibration_reproduces_the_statistics_of_the_inputs(n, batch):
+    """After recalibration the first BatchNorm's running mean is the mean of conv1's output over
+    all inputs, whatever the batches' sizes (each batch weighted by its size), and its running
+    variance the size-weighted mean of the batches' unbiased variances (precise BN)."""
     torch.manual_seed(0)
     model = resnet("resnet18", 8)
     model.bn1.running_mean.fill_(5.0)  # statistics from elsewhere, to be replaced
-    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    recalibrate_batchnorm(model, pixels, batch=4, device=torch.device("cpu"))
+    pixels = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    pixels[: n // 2] //= 4  # dark and bright inputs: batches that differ
+    recalibrate_batchnorm(model, pixels, batch=batch, device=torch.device("cpu"))
     assert not model.training and model.bn1.momentum == 0.1  # eval mode, momentum put back
     from fastemd.pipelines.torch_loader import MEAN, STD
 
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(STD).view(1, 3, 1, 1) * 255)
     with torch.no_grad():
-        y = model.conv1(x)  # (8, 8, 16, 16)
-    halves = y.split(4)
-    mean = torch.stack([h.mean((0, 2, 3)) for h in halves]).mean(0)
-    var = torch.stack([h.var((0, 2, 3), unbiased=True) for h in halves]).mean(0)  # BN keeps unbiased
-    torch.testing.assert_close(model.bn1.running_mean, mean, rtol=1e-5, atol=1e-5)
+        y = model.conv1(x)  # (n, 8, 16, 16)
+    torch.testing.assert_close(model.bn1.running_mean, y.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    order = np.random.default_rng(0).permutation(n)
+    chunks = np.array_split(order, -(-n // batch))
+    var = sum(len(c) * y[np.sort(c)].var((0, 2, 3), unbiased=True) for c in chunks) / n
     torch.testing.assert_close(model.bn1.running_var, var, rtol=1e-4, atol=1e-5)
+    assert all(len(c) >= 2 for c in chunks)
+    with pytest.raises(ProbeError, match="at least 2"):
+        recalibrate_batchnorm(model, pixels, batch=1, device=torch.device("cpu"))
 
 
 # Backbones -----------------------------------------------------------------------------------
@@ -196,6 +202,60 @@ def test_probe_command_errors_are_one_line(tmp_path, val_json, capsys):
     assert "--test-fraction" in capsys.readouterr().err
 
 
+def test_probe_refuses_what_it_cannot_finish_before_working(tmp_path, val_json, capsys):
+    torch.save(resnet("resnet18", 8).state_dict(), tmp_path / "b.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    bad = resnet("resnet18", 8).state_dict()
+    bad["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(bad, tmp_path / "nan.pth")
+    b, data = str(tmp_path / "b.pth"), ["--data", str(val_json)]
+    cases = [
+        ([b, *data, "--output", str(tmp_path / "missing" / "x.json")], "folder " + str(tmp_path / "missing")),
+        ([b, *data, "--output", str(tmp_path)], "is a folder"),
+        ([str(tmp_path / "empty.pth"), *data], "empty.pth: cannot be read as a torch state dict"),
+        ([str(tmp_path / "nan.pth"), *data], "layer2.0.conv1.weight holds NaN"),
+        ([b, *data, "--network", "target"], "--network applies to training checkpoints"),
+        ([str(tmp_path), *data], "is a folder"),
+        ([b, "--data", str(tmp_path)], "is a folder"),
+        ([b, *data, "--max-images", "1"], "1 usable image; the probe needs at least 2"),
+    ]
+    for argv, message in cases:
+        assert main(["eval", "probe", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    for argv in (["--size", "8"], ["--batch-size", "1"], ["--max-images", "-5"]):
+        with pytest.raises(SystemExit):  # argparse: usage and a one-line error, status 2
+            main(["eval", "probe", b, *data, *argv])
+
+
+def test_malformed_annotations_are_skipped_and_counted_and_bad_structure_named(tmp_path, val_json):
+    coco = json.loads(val_json.read_text())
+    coco["annotations"][0]["bbox"] = [1, 2, 3]  # three numbers
+    coco["annotations"][1]["bbox"] = [10, 10, None, 20]
+    del coco["annotations"][2]["image_id"]
+    coco["images"].append(dict(coco["images"][0]))  # a duplicated image id
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    (tmp_path / "val2017").symlink_to(val_json.parent.parent / "val2017")
+    path = folder / "instances_val2017.json"
+    path.write_text(json.dumps(coco))
+    data = load_probe_data(path, 32)
+    assert data.malformed_annotations == 3 and len(data.images) == 10  # the duplicate counted once
+    for broken, message in (({**coco, "annotations": {"a": 1}}, "'annotations' must be a list of objects"),
+                            ({**coco, "categories": [{"name": "x"}]}, "a category has no 'id'"),
+                            ({k: v for k, v in coco.items() if k != "images"}, "no images"),
+                            ([1, 2], "a json list")):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ProbeError, match=message):
+            load_probe_data(path, 32)
+
+
+def test_a_nearly_whole_test_fraction_still_leaves_a_training_image():
+    groups = np.arange(6)
+    train, test = grouped_split(groups, 0.99, seed=0)
+    assert train.sum() == 1 and test.sum() == 5
+
+
 def test_probe_data_demo_is_the_held_out_split(tmp_path, monkeypatch):
     from fastemd import demo_data
     from fastemd.eval.probe import resolve_probe_data
@@ -229,5 +289,18 @@ def test_learning_table_command_end_to_end(tmp_path, monkeypatch, capsys):
     assert all(r == randoms[0] for r in randoms)  # one baseline for every row
     assert "| Self-EMD (dense + global) |" in (out / "table.md").read_text()
     assert (out / "selfemd_seed0" / "backbone_torchvision.pth").is_file()
-    assert main(["eval", "table", "--out", str(out), "--seeds", "0"]) == 2  # never over a finished table
-    assert "exists" in capsys.readouterr().err
+    assert main(["eval", "table", "--out", str(out), "--seeds", "0"]) == 2  # never over an earlier table
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_learning_table_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--out", str(tmp_path / "file")], "is not a folder"),
+                          (["--out", str(tmp_path / "file" / "sub")], "Not a directory"),
+                          (["--seeds", ","], "--seeds must be integers"),
+                          (["--seeds", "a,b"], "--seeds must be integers"),
+                          (["--out", str(tmp_path / "t"), "loss.gama=1"], "unknown config key 'loss.gama'")):
+        assert main(["eval", "table", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "t").exists()  # a bad override is found before anything is written

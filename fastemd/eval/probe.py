@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -94,8 +95,14 @@ def _resnet_layout(state: dict[str, torch.Tensor], source: str) -> tuple[str, in
 def backbone_from_state(state: dict[str, torch.Tensor], source: str) -> Backbone:
     from fastemd.model import resnet
 
+    if not all(isinstance(k, str) for k in state):
+        raise ProbeError(f"{source}: not a state dict (its keys are not parameter names)")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     arch, width = _resnet_layout(state, source)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ProbeError(f"{source}: {bad} holds NaN or inf values; a backbone from a diverged run (use an earlier "
+                         "checkpoint)")
     model = resnet(arch, width)
     try:
         model.load_state_dict(state, strict=True)
@@ -106,21 +113,32 @@ def backbone_from_state(state: dict[str, torch.Tensor], source: str) -> Backbone
     return Backbone(model, arch, width, source)
 
 
-def load_backbone(path: str, network: str = "online") -> Backbone:
-    """A training checkpoint (its `network` backbone) or a torchvision-named ResNet state dict
-    (`fastemd export --format torchvision`, or any torchvision ResNet's, `fc` ignored)."""
+def load_backbone(path: str, network: str | None = None) -> Backbone:
+    """A training checkpoint (its `network` backbone, online by default) or a torchvision-named
+    ResNet state dict (`fastemd export --format torchvision`, or any torchvision ResNet's, `fc`
+    ignored; `network` must then be None)."""
+    import warnings
+
     from fastemd.export import backbone_state_dict
 
     file = Path(path)
+    if file.is_dir():
+        raise ProbeError(f"{path}: is a folder; BACKBONE is a checkpoint file or an exported backbone .pth")
     if not file.is_file():
         raise ProbeError(f"{path}: no such file (expected a checkpoint or an exported backbone .pth)")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about some pickles before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ProbeError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        why = "it holds Python objects other than tensors" if "Weights only load failed" in str(e) else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ProbeError(f"{path}: cannot be read as a torch state dict ({why}); expected a checkpoint or an "
+                         "exported backbone") from None
     if not isinstance(state, dict):
         raise ProbeError(f"{path}: holds a {type(state).__name__}, not a state dict")
     if isinstance(state.get("model"), dict) and "config" in state:  # a fastemd training checkpoint
+        network = network or "online"
         try:
             weights = backbone_state_dict(state, network, source=path)
         except CheckpointError as e:
@@ -128,6 +146,8 @@ def load_backbone(path: str, network: str = "online") -> Backbone:
         backbone = backbone_from_state(weights, path)
         backbone.source = f"{path} ({network} network, step {state.get('step')})"
         return backbone
+    if network is not None:
+        raise ProbeError(f"{path}: an exported backbone (one network); --network applies to training checkpoints")
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ProbeError(f"{path}: not a state dict of tensors; expected a checkpoint or an exported backbone")
     return backbone_from_state(state, path)
@@ -151,16 +171,60 @@ class ProbeData:
     groups: np.ndarray  # (objects,) index of the image each object comes from
     categories: list[str]  # names, indexed by label
     images: list[str]  # paths of the images used
-    skipped_images: int
+    skipped_images: int  # unreadable
+    malformed_annotations: int = 0  # without a 4-number bbox or an image_id
 
 
 def resolve_probe_data(data: str) -> Path:
     """`demo`: the demo dataset's held-out split (made on first use); else a COCO json path."""
     if data == "demo":
-        from fastemd.demo_data import ensure_demo_data
+        from fastemd.demo_data import default_cache_dir, ensure_demo_data
 
-        return ensure_demo_data(split="val2017")
+        try:
+            return ensure_demo_data(split="val2017")
+        except OSError as e:
+            raise ProbeError(f"cannot write the demo dataset under {default_cache_dir()} ({e.strerror or e}); "
+                             "set FASTEMD_CACHE to a writable folder") from None
     return Path(data)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _labelled_boxes(coco, path: Path, min_box: int) -> tuple[list[dict], dict, dict, int]:
+    """(image records with boxes, {image id: [(x, y, w, h, category)]}, {category id: name},
+    malformed annotations skipped), or a ProbeError naming what is wrong."""
+    if not isinstance(coco, dict):
+        raise ProbeError(f"{path}: a json {type(coco).__name__}, not a COCO object with images, annotations, categories")
+    missing = [k for k in ("images", "annotations", "categories") if not coco.get(k)]
+    if missing:
+        raise ProbeError(f"{path}: no {' and no '.join(missing)}: the probe needs a labelled COCO json "
+                         "(e.g. instances_val2017.json, not image_info_*.json)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco[key], list) or not all(isinstance(r, dict) for r in coco[key]):
+            raise ProbeError(f"{path}: '{key}' must be a list of objects (COCO format)")
+    if not all("id" in c for c in coco["categories"]):
+        raise ProbeError(f"{path}: a category has no 'id' (COCO format: {{\"id\": 1, \"name\": \"person\"}})")
+    names = {c["id"]: str(c.get("name", c["id"])) for c in coco["categories"]}
+    boxes: dict = {}
+    malformed = 0
+    for a in coco["annotations"]:
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)) or "image_id" not in a:
+            malformed += 1
+            continue
+        x, y, w, h = bbox
+        if a.get("iscrowd", 0) or w < min_box or h < min_box or a.get("category_id") not in names:
+            continue
+        boxes.setdefault(a["image_id"], []).append((x, y, w, h, a["category_id"]))
+    records, seen = [], set()
+    for im in coco["images"]:
+        if im.get("id") in boxes and im["id"] not in seen and isinstance(im.get("file_name"), str):
+            seen.add(im["id"])  # a duplicated image id would put the same objects on both sides
+            records.append(im)
+    records.sort(key=lambda im: (isinstance(im["id"], str), im["id"]))
+    return records, boxes, names, malformed
 
 
 def load_probe_data(json_path: str | Path, size: int, min_box: int = 8, max_images: int = 0) -> ProbeData:
@@ -171,36 +235,24 @@ def load_probe_data(json_path: str | Path, size: int, min_box: int = 8, max_imag
 
     text, _, image_dir = str(json_path).partition("::")
     path = Path(text)
+    if path.is_dir():
+        raise ProbeError(f"{path}: is a folder; --data is a COCO json with annotations and categories")
     if not path.is_file():
         raise ProbeError(f"{path}: no such file (expected a COCO json with annotations and categories)")
     try:
         coco = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ProbeError(f"{path}: not valid json ({e})") from None
-    if not isinstance(coco, dict) or not coco.get("annotations") or not coco.get("categories"):
-        raise ProbeError(f"{path}: no annotations or no categories: the probe needs a labelled COCO json "
-                         "(e.g. instances_val2017.json, not image_info_*.json)")
+    records, boxes, names, malformed = _labelled_boxes(coco, path, min_box)
     try:
         root = Path(image_dir) if image_dir else _coco_image_dir(path)
     except ValueError as e:
         raise ProbeError(str(e)) from None
     if not root.is_dir():
         raise ProbeError(f"{root}: image folder of {path} not found (write ANN.json::IMAGE_DIR to name it)")
-    names = {c["id"]: c.get("name", str(c["id"])) for c in coco["categories"]}
-    boxes: dict[int, list] = {}
-    for a in coco["annotations"]:
-        x, y, w, h = a.get("bbox", (0, 0, 0, 0))
-        if a.get("iscrowd", 0) or w < min_box or h < min_box or a.get("category_id") not in names:
-            continue
-        boxes.setdefault(a["image_id"], []).append((x, y, w, h, a["category_id"]))
-    records = sorted((im for im in coco.get("images", []) if im.get("id") in boxes), key=lambda im: im["id"])
     if max_images:
         records = records[:max_images]
-    used = sorted({c for im in records for *_, c in boxes[im["id"]]})
-    if len(used) < 2:
-        raise ProbeError(f"{path}: fewer than two categories with boxes of at least {min_box} px; nothing to classify")
-    label_of = {c: i for i, c in enumerate(used)}
-    crops, labels, groups, images, skipped = [], [], [], [], 0
+    crops, categories, groups, images, skipped = [], [], [], [], 0
     for im in records:
         file = root / im["file_name"]
         try:
@@ -213,12 +265,20 @@ def load_probe_data(json_path: str | Path, size: int, min_box: int = 8, max_imag
             if box[2] - box[0] < 1 or box[3] - box[1] < 1:
                 continue
             crops.append(np.asarray(image.resize((size, size), Image.BICUBIC, box=box)))
-            labels.append(label_of[c])
+            categories.append(c)
             groups.append(len(images))
         images.append(str(file))
     if not crops:
-        raise ProbeError(f"{path}: no image of it could be read from {root}")
-    return ProbeData(np.stack(crops), np.array(labels), np.array(groups), [names[c] for c in used], images, skipped)
+        raise ProbeError(f"{path}: no image with a usable box could be read from {root}")
+    used = sorted(set(categories), key=str)
+    if len(used) < 2:
+        raise ProbeError(f"{path}: fewer than two categories among the boxes of at least {min_box} px in readable "
+                         "images; nothing to classify")
+    if len(images) < 2:
+        raise ProbeError(f"{path}: {len(images)} usable image; the probe needs at least 2 (one on each side of a split)")
+    label_of = {c: i for i, c in enumerate(used)}
+    labels = np.array([label_of[c] for c in categories])
+    return ProbeData(np.stack(crops), labels, np.array(groups), [names[c] for c in used], images, skipped, malformed)
 
 
 def augmented_views(images: list[str], size: int, seed: int, draws: int = 1,
@@ -254,17 +314,27 @@ def _batches(pixels: np.ndarray, batch: int, device: torch.device):
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, pixels: np.ndarray, batch: int, device: torch.device) -> None:
-    """Replace every BatchNorm's running statistics by those of `pixels` (cumulative average over
-    one pass in train mode); the model is left in eval mode."""
+    """Replace every BatchNorm's running statistics by those of `pixels`: one pass in train mode
+    over the inputs in a fixed shuffled order, in batches of near-equal size (at least 2, as
+    train-mode BatchNorm needs), each batch's statistics weighted by its size (detectron2's
+    precise BN). The model is left in eval mode."""
+    if len(pixels) < 2 or batch < 2:
+        raise ProbeError(f"BatchNorm recalibration needs batches of at least 2 inputs (got {len(pixels)} inputs, "
+                         f"batch {batch})")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch counts alike
+    order = np.random.default_rng(0).permutation(len(pixels))  # views of one kind do not fill a batch
+    chunks = np.array_split(order, -(-len(pixels) // batch))  # sizes differ by at most 1, all >= 2
     model.train()
-    for x in _batches(pixels, batch, device):
-        if len(x) > 1:  # train-mode BatchNorm needs two samples
-            model(x)
+    seen = 0
+    for chunk in chunks:
+        for m in norms:  # running = running + n / (seen + n) (batch - running): a mean over inputs
+            m.momentum = len(chunk) / (seen + len(chunk))
+        (x,) = _batches(pixels[np.sort(chunk)], len(chunk), device)
+        model(x)
+        seen += len(chunk)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
@@ -289,7 +359,8 @@ def pooled_features(model: nn.Module, pixels: np.ndarray, batch: int, device: to
 def grouped_split(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Boolean (train, test) masks over objects: a share of the images held out, whole."""
     unique = np.unique(groups)
-    held = np.random.default_rng(seed).permutation(unique)[: max(1, round(test_fraction * len(unique)))]
+    count = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)  # an image on each side
+    held = np.random.default_rng(seed).permutation(unique)[:count]
     test = np.isin(groups, held)
     return ~test, test
 
@@ -359,7 +430,7 @@ def probe_model(model: nn.Module, data: ProbeData, views: list[tuple[np.ndarray,
     model = model.to(device)
     objects = pooled_features(model, data.crops, batch, device)
     # BatchNorm statistics of all the views of the split at once, then each draw's features
-    pooled_features(model, np.concatenate([v for pair in views for v in pair]), batch, device)
+    recalibrate_batchnorm(model, np.concatenate([v for pair in views for v in pair]), batch, device)
     retrieval = []
     for first, second in views:
         a, b = _eval_features(model, first, batch, device), _eval_features(model, second, batch, device)
@@ -408,7 +479,7 @@ def run_probe(backbone: Backbone, data: ProbeData, splits: int = 3, seed: int = 
     return {
         "backbone": backbone.source, "arch": backbone.arch, "width": backbone.width,
         "images": len(data.images), "objects": int(len(data.labels)), "categories": data.categories,
-        "skipped_images": data.skipped_images, "splits": splits, "seed": seed, "test_fraction": test_fraction,
+        "skipped_images": data.skipped_images, "malformed_annotations": data.malformed_annotations, "splits": splits, "seed": seed, "test_fraction": test_fraction,
         "size": size, "view_draws": draws, "majority_class": float(counts.max() / counts.sum()),
         "retrieval_chance": 1.0 / len(data.images), "metrics": summary,
     }
@@ -417,27 +488,42 @@ def run_probe(backbone: Backbone, data: ProbeData, splits: int = 3, seed: int = 
 # Command line ---------------------------------------------------------------------------------
 
 
+def _int_at_least(low: int, why: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low} ({why}), got {text}")
+        return value
+
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastemd.cli import positive_int
+    from fastemd.cli import nonneg_int, positive_int
 
     parser.add_argument("backbone", help="a training checkpoint (OUT/checkpoints/step_*.pt) or a torchvision-named "
                         "ResNet state dict (OUT/backbone_torchvision.pth, `fastemd export --format torchvision`)")
     parser.add_argument("--data", required=True, metavar="ANNOTATIONS.json",
                         help="a labelled COCO-format json (images beside it as in COCO, or ANN.json::IMAGE_DIR); "
                         "'demo': the demo dataset's held-out split")
-    parser.add_argument("--network", default="online", choices=["online", "target"],
+    parser.add_argument("--network", default=None, choices=["online", "target"],
                         help="for a training checkpoint: which backbone (default online)")
-    parser.add_argument("--size", type=positive_int, default=96, help="object crops and views are SIZE x SIZE "
-                        "(default 96, the demo's view size; 224 for a COCO backbone)")
+    parser.add_argument("--size", type=_int_at_least(32, "the network's stride; 64 and up give C5 maps beyond 1x1"),
+                        default=96, help="object crops and views are SIZE x SIZE (default 96, the demo's view size; "
+                        "224 for a COCO backbone)")
     parser.add_argument("--splits", type=positive_int, default=3, help="grouped splits and random inits (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="split k uses seed + k (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.5, help="share of the images held out (default 0.5)")
     parser.add_argument("--view-draws", type=positive_int, default=4, help="pairs of views of every image per split "
                         "for retrieval, each a retrieval over all images; their mean is reported (default 4)")
     parser.add_argument("--min-box", type=positive_int, default=8, help="smallest box side kept, px (default 8)")
-    parser.add_argument("--max-images", type=int, default=1000, help="use the first N labelled images (default 1000; "
-                        "0: all)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward (default 128)")
+    parser.add_argument("--max-images", type=nonneg_int, default=1000, help="use the first N labelled images "
+                        "(default 1000; 0: all)")
+    parser.add_argument("--batch-size", type=_int_at_least(2, "train-mode BatchNorm needs two inputs"), default=128,
+                        help="images per forward (default 128)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--output", metavar="FILE.json", help="also write the JSON result to FILE.json")
@@ -445,11 +531,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_report(result: dict) -> str:
     """The result as a plain-text table (what the command prints)."""
+    skipped = [f"{result[k]} {what} skipped" for k, what in (("skipped_images", "unreadable images"),
+                                                              ("malformed_annotations", "malformed annotations"))
+               if result.get(k)]
     lines = [
         f"backbone: {result['backbone']} ({result['arch']}, width {result['width']})",
-        f"data: {result['images']} images, {result['objects']} objects, {len(result['categories'])} categories; "
-        f"{result['splits']} grouped splits ({100 * result['test_fraction']:.0f}% of the images held out); "
-        f"{result['size']} px",
+        f"data: {result['images']} images, {result['objects']} objects, {len(result['categories'])} categories"
+        f"{' (' + ', '.join(skipped) + ')' if skipped else ''}; {result['splits']} grouped splits "
+        f"({100 * result['test_fraction']:.0f}% of the images held out); {result['size']} px",
         "",
         f"{'metric':<30} {'backbone':>15} {'random init':>15} {'difference':>11}",
     ]
@@ -465,15 +554,33 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_output(path: str | None) -> str | None:
+    """Why --output cannot be written (checked before minutes of work), or None."""
+    if not path:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        return f"--output {path}: is a folder; name the JSON file to write"
+    if not out.parent.is_dir():
+        return f"--output {path}: folder {out.parent} does not exist"
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        return f"--output {path}: not writable"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from fastemd.train import pick_cpu_threads
 
+    def fail(message: str) -> int:
+        print(f"fastemd eval probe: error: {message}", file=sys.stderr)
+        return 2
+
     if not 0 < args.test_fraction < 1:
-        print(f"fastemd eval probe: error: --test-fraction must be in (0, 1), got {args.test_fraction}", file=sys.stderr)
-        return 2
+        return fail(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("fastemd eval probe: error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+        return fail("--device cuda but no CUDA device is available")
+    if problem := _check_output(args.output):
+        return fail(problem)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cpu":
@@ -483,22 +590,26 @@ def run(args: argparse.Namespace) -> int:
     try:
         backbone = load_backbone(args.backbone, args.network)
         data_path = resolve_probe_data(args.data)
-        data = load_probe_data(data_path, args.size, args.min_box, max(args.max_images, 0))
+        data = load_probe_data(data_path, args.size, args.min_box, args.max_images)
     except ProbeError as e:
-        print(f"fastemd eval probe: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     say(f"fastemd eval probe: {len(data.labels)} objects of {len(data.images)} images from {data_path}; "
         f"{args.splits} splits, each with a random init")
+    sys.stdout.flush()
     result = run_probe(backbone, data, args.splits, args.seed, args.test_fraction, args.size, args.batch_size, device,
                        args.view_draws, progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
     result["data"] = str(data_path)
     result["seconds"] = round(time.perf_counter() - started, 1)
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+        try:
+            Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            print(f"fastemd eval probe: error: --output {args.output}: {e.strerror or e} (the result follows)",
+                  file=sys.stderr)
+            args.output = None
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(format_report(result))
         print(f"({result['seconds']:.0f} s{'; JSON in ' + args.output if args.output else ''})")
     return 0
-

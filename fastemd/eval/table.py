@@ -96,15 +96,19 @@ def format_table(rows: dict[str, dict], seeds: list[int]) -> str:
         cells = [f"{metrics[k]['mean']:.3f} ± {metrics[k]['std']:.3f}" for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(f"\nmean ± standard deviation over training seeds {', '.join(map(str, seeds))} (each: the mean "
-                 "over the probe's splits).")
+                 "over the probe's splits); the random-init row: over the probe's splits, each with its own init.")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/learning_table", help="folder for runs, logs and the table")
+    from fastemd.cli import positive_int
+
+    parser.add_argument("--out", default="runs/learning_table",
+                        help="a new (or empty) folder for the runs, logs and the table (default runs/learning_table)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (default 0,1,2)")
-    parser.add_argument("--splits", type=int, default=3, help="probe splits per backbone (default 3)")
-    parser.add_argument("--control-epochs", type=int, default=10, help="epochs of the supervised control (default 10)")
+    parser.add_argument("--splits", type=positive_int, default=3, help="probe splits per backbone (default 3)")
+    parser.add_argument("--control-epochs", type=positive_int, default=10,
+                        help="epochs of the supervised control (default 10)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="extra overrides of the demo preset for every run (e.g. train.epochs=10 for a quick look)")
 
@@ -112,22 +116,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fastemd.config import ConfigError, resolve
     from fastemd.demo_data import ensure_demo_data
-    from fastemd.eval.probe import load_backbone, load_probe_data, resolve_probe_data, run_probe
+    from fastemd.eval.probe import ProbeError, load_backbone, load_probe_data, resolve_probe_data, run_probe
     from fastemd.train import TrainingError, train
+
+    def fail(message: str, status: int = 2) -> int:
+        print(f"fastemd eval table: error: {message}", file=sys.stderr)
+        return status
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        print(f"fastemd eval table: error: --seeds must be integers separated by commas, got {args.seeds!r}",
-              file=sys.stderr)
-        return 2
+        seeds = []
+    if not seeds:
+        return fail(f"--seeds must be integers separated by commas, got {args.seeds!r}")
+    base = resolve("demo", None, list(args.overrides))  # validated before anything is written
     out = Path(args.out)
-    if (out / "table.json").exists():
-        print(f"fastemd eval table: error: {out / 'table.json'} exists; pass another --out", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    base = resolve("demo", None, list(args.overrides))  # validated before hours of work
-    probe_data = load_probe_data(resolve_probe_data("demo"), base.data.view1_size)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return fail(f"--out {out}: {'is not a folder' if not out.is_dir() else 'is not empty (an earlier table)'}; "
+                    "pass a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_data = load_probe_data(resolve_probe_data("demo"), base.data.view1_size)
+    except OSError as e:
+        return fail(f"--out {out}: {e.strerror or e}")
+    except ProbeError as e:
+        return fail(str(e))
     per_seed: dict[str, list[dict]] = {name: [] for name in [*VARIANTS, SUPERVISED]}
     started = time.perf_counter()
     for seed in seeds:
@@ -141,8 +154,11 @@ def run(args: argparse.Namespace) -> int:
                 with open(out / f"{slug}_seed{seed}.log", "w") as log, contextlib.redirect_stdout(log):
                     result = train(cfg)
             except (TrainingError, ConfigError) as e:
-                print(f"fastemd eval table: error: {name}, seed {seed}: {e}", file=sys.stderr)
-                return 1
+                return fail(f"{name}, seed {seed}: {e}", 1)
+            if result["signal"]:  # stopped (Ctrl-C, SIGTERM): the runs so far stay in OUT
+                print(f"fastemd eval table: {result['ended']} during {name}, seed {seed}; runs so far in {out}",
+                      file=sys.stderr)
+                return 128 + result["signal"]
             backbone = load_backbone(result["backbone"])
             per_seed[name].append(run_probe(backbone, probe_data, args.splits, size=base.data.view1_size))
         print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: training the supervised control", flush=True)
@@ -151,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
         torch.save(control.state_dict(), out / f"supervised_seed{seed}.pth")
         backbone = load_backbone(str(out / f"supervised_seed{seed}.pth"))
         per_seed[SUPERVISED].append(run_probe(backbone, probe_data, args.splits, size=base.data.view1_size))
-    rows = {RANDOM: _summarise(per_seed[SUPERVISED], "random")}
+    # Every probe measures the same random inits on the same splits: one row, spread over its splits.
+    rows = {RANDOM: {name: {k: m["random"][k] for k in ("mean", "std", "values")}
+                     for name, m in per_seed[SUPERVISED][0]["metrics"].items()}}
     rows.update({name: _summarise(results, "backbone") for name, results in per_seed.items()})
     table = format_table(rows, seeds)
     (out / "table.md").write_text(table + "\n")
