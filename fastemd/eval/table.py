@@ -38,7 +38,7 @@ RANDOM = "random init (the probe's baseline)"
 
 
 def train_supervised_control(train_json: str | Path, arch: str, width: int, size: int, seed: int,
-                             epochs: int = 10, batch: int = 64, lr: float = 0.1) -> torch.nn.Module:
+                             epochs: int = 30, batch: int = 64, lr: float = 0.1) -> torch.nn.Module:
     """The backbone + a linear head trained with labels on box crops of `train_json` (random
     resized crops of each box, flips; SGD with momentum, cosine lr): what the probe reads off a
     backbone that was taught the categories. Returns the backbone."""
@@ -107,8 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a new (or empty) folder for the runs, logs and the table (default runs/learning_table)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (default 0,1,2)")
     parser.add_argument("--splits", type=positive_int, default=3, help="probe splits per backbone (default 3)")
-    parser.add_argument("--control-epochs", type=positive_int, default=10,
-                        help="epochs of the supervised control (default 10)")
+    parser.add_argument("--control-epochs", type=positive_int, default=30,
+                        help="epochs of the supervised control (default 30)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="extra overrides of the demo preset for every run (e.g. train.epochs=10 for a quick look)")
 
