@@ -99,7 +99,8 @@ def pick_cpu_threads(requested: int, loader_threads: int, local_ranks: int = 1) 
     loader's `loader_threads` (DALI threads or loader processes), at least 1; with 0 and
     OMP_NUM_THREADS set (by the user, or by torchrun), torch's setting is kept. torch's default
     takes every core: beside the loader's workers that oversubscribes them, and its OpenMP
-    threads then wait on each other (a 0.15 s demo step took 11-16 s on a shared 2-core machine)."""
+    threads then wait on each other (on a shared 2-core machine a demo step went from 0.15 s to
+    11-16 s; BENCHMARKS.md, "CPU threads")."""
     if requested > 0:
         threads = requested
     elif os.environ.get("OMP_NUM_THREADS"):  # the user (or torchrun) chose: keep it
@@ -310,7 +311,8 @@ def train(cfg: Config) -> dict:
         except ImportError:
             say("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
     say(f"fastemd: {len(files)} images, loader {loader_kind}, {env.world_size} rank(s) on {env.device.type}, "
-        f"{'' if cuda else f'{threads} torch thread(s), '}global batch {global_batch}, peak lr {global_batch_lr(cfg.optim.base_lr, global_batch):.4g}, "
+        f"{'' if cuda else f'{threads} torch thread(s), '}global batch {global_batch}, "
+        f"peak lr {global_batch_lr(cfg.optim.base_lr, global_batch):.4g}, "
         f"{steps_per_epoch} steps/epoch, {run_steps} steps to run (schedules span {total_steps})")
 
     dash = Dashboard(run_steps, steps_per_epoch, start_step=step, mode=cfg.log.dashboard, enabled=env.main,
@@ -535,10 +537,11 @@ def train(cfg: Config) -> dict:
                 f"`fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)")
         if last_metrics:
             say(f"  health:     {health_summary(last_metrics)}")
-        # A falling loss is no evidence of learning (SPEC 7): the probe measures the backbone.
-        data = "demo" if not cfg.data.sources else "LABELLED_VAL.json (e.g. instances_val2017.json)"
-        say(f"  is it better than random init? fastemd eval probe {result.get('backbone', last_ckpt)} --data {data}"
-            f"{'' if cfg.data.view1_size == 96 else f' --size {cfg.data.view1_size}'}")
+        if result.get("backbone") or last_ckpt:
+            # A falling loss is no evidence of learning (SPEC 7): the probe measures the backbone.
+            data = "demo" if not cfg.data.sources else "LABELLED_VAL.json (e.g. instances_val2017.json)"
+            say(f"  is it better than random init? fastemd eval probe {result.get('backbone', last_ckpt)} "
+                f"--data {data}{'' if cfg.data.view1_size == 96 else f' --size {cfg.data.view1_size}'}")
     return result
 
 

@@ -87,7 +87,8 @@ def _resnet_layout(state: dict[str, torch.Tensor], source: str) -> tuple[str, in
         blocks.append(max(found) + 1 if found else 0)
     arch = _ARCH_BY_LAYOUT.get((bottleneck, tuple(blocks)))
     if arch is None:
-        raise ProbeError(f"{source}: a ResNet with {'bottleneck' if bottleneck else 'basic'} blocks {blocks} per stage, "
+        kind = "bottleneck" if bottleneck else "basic"
+        raise ProbeError(f"{source}: a ResNet with {kind} blocks {blocks} per stage, "
                          "not one of resnet18/34/50/101")
     return arch, int(state["conv1.weight"].shape[0])
 
@@ -196,7 +197,8 @@ def _labelled_boxes(coco, path: Path, min_box: int) -> tuple[list[dict], dict, d
     """(image records with boxes, {image id: [(x, y, w, h, category)]}, {category id: name},
     malformed annotations skipped), or a ProbeError naming what is wrong."""
     if not isinstance(coco, dict):
-        raise ProbeError(f"{path}: a json {type(coco).__name__}, not a COCO object with images, annotations, categories")
+        raise ProbeError(f"{path}: a json {type(coco).__name__}, not a COCO object with images, annotations and "
+                         "categories")
     missing = [k for k in ("images", "annotations", "categories") if not coco.get(k)]
     if missing:
         raise ProbeError(f"{path}: no {' and no '.join(missing)}: the probe needs a labelled COCO json "
@@ -275,7 +277,8 @@ def load_probe_data(json_path: str | Path, size: int, min_box: int = 8, max_imag
         raise ProbeError(f"{path}: fewer than two categories among the boxes of at least {min_box} px in readable "
                          "images; nothing to classify")
     if len(images) < 2:
-        raise ProbeError(f"{path}: {len(images)} usable image; the probe needs at least 2 (one on each side of a split)")
+        raise ProbeError(f"{path}: {len(images)} usable image; the probe needs at least 2 (one on each side of a "
+                         "split)")
     label_of = {c: i for i, c in enumerate(used)}
     labels = np.array([label_of[c] for c in categories])
     return ProbeData(np.stack(crops), labels, np.array(groups), [names[c] for c in used], images, skipped, malformed)
@@ -479,7 +482,8 @@ def run_probe(backbone: Backbone, data: ProbeData, splits: int = 3, seed: int = 
     return {
         "backbone": backbone.source, "arch": backbone.arch, "width": backbone.width,
         "images": len(data.images), "objects": int(len(data.labels)), "categories": data.categories,
-        "skipped_images": data.skipped_images, "malformed_annotations": data.malformed_annotations, "splits": splits, "seed": seed, "test_fraction": test_fraction,
+        "skipped_images": data.skipped_images, "malformed_annotations": data.malformed_annotations,
+        "splits": splits, "seed": seed, "test_fraction": test_fraction,
         "size": size, "view_draws": draws, "majority_class": float(counts.max() / counts.sum()),
         "retrieval_chance": 1.0 / len(data.images), "metrics": summary,
     }
@@ -549,7 +553,8 @@ def format_report(result: dict) -> str:
         ratio = f" ({b['mean'] / r['mean']:.1f}x)" if name == "retrieval_top1" and r["mean"] > 0 else ""
         lines.append(f"{label:<30} {b['mean']:>7.3f} ± {b['std']:.3f} {r['mean']:>7.3f} ± {r['std']:.3f} "
                      f"{diff:>+11.3f}{ratio}")
-    lines.append(f"(majority class {result['majority_class']:.3f}; retrieval by chance {result['retrieval_chance']:.3f}; "
+    lines.append(f"(majority class {result['majority_class']:.3f}; retrieval by chance "
+                 f"{result['retrieval_chance']:.3f}; "
                  "± is the standard deviation over splits)")
     return "\n".join(lines)
 
