@@ -327,15 +327,26 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 REMOVED_KEYS = {"optim.use_apex": "removed: apex is not used, see README"}
 
 
+def _read_toml(path: Path) -> dict:
+    """The parsed file, or a one-line ConfigError naming it and what is wrong."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; --config names a TOML file (e.g. OUT/config.toml)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); --config names a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
 def load_toml(cfg: Config, path: str | Path) -> Config:
     """Apply a TOML file with tables named like the sections ([loss] gamma = 0.05)."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    data = _read_toml(path)
     for section, values in data.items():
         if section == "preset":
             continue
@@ -361,10 +372,10 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
     """preset (or the TOML file's `preset = ...`, else coco_800ep) -> TOML file -> overrides."""
     name = preset
     if name is None and config_file is not None:
-        try:
-            name = tomllib.loads(Path(config_file).read_text()).get("preset")
-        except (FileNotFoundError, tomllib.TOMLDecodeError):
-            name = None  # load_toml below reports the problem with the file's name
+        name = _read_toml(Path(config_file)).get("preset")
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{config_file}: preset = {name!r} must be a preset's name, a string: one of "
+                              f"{', '.join(PRESETS)}")
     cfg = get_preset(name or "coco_800ep")
     if config_file is not None:
         load_toml(cfg, config_file)
@@ -372,6 +383,8 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
     validate(cfg)
     return cfg
 
+
+MIN_VIEW_SIZE = 32  # px: the ResNet's total stride
 
 _CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
@@ -403,7 +416,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}")
     positive = ["data.batch_size", "data.view1_size", "data.view2_size", "model.width", "model.proj_hidden",
                 "model.proj_dim", "model.pred_hidden", "loss.gamma", "loss.n_iters", "train.grad_accum",
-                "train.epochs", "train.keep_last", "train.max_bad_steps", "log.every"]
+                "train.epochs", "train.keep_last", "train.max_bad_steps", "log.every", "optim.eta"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
@@ -416,6 +429,17 @@ def validate(cfg: Config) -> None:
     if cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be >= 2: BatchNorm needs two samples per rank to normalise over, "
                           f"got {cfg.data.batch_size}")
+    for key in ("data.view1_size", "data.view2_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < MIN_VIEW_SIZE:
+            raise ConfigError(f"{key} must be >= {MIN_VIEW_SIZE} px (the ResNet's stride: a smaller view has no C5 "
+                              f"map), got {getattr(getattr(cfg, section), name)}; the demo uses 96, COCO 224")
+    if not 0.0 <= cfg.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum!r}")
+    if cfg.train.device == "cpu" and cfg.loss.impl == "triton":
+        raise ConfigError("loss.impl=triton needs CUDA, but train.device=cpu; use loss.impl=auto or torch")
+    if cfg.loss.grad == "unrolled" and cfg.loss.impl == "triton":
+        raise ConfigError("loss.grad=unrolled exists only in the PyTorch reference: use loss.impl=torch (or auto)")
     if cfg.loss.dense_weight == 0 and cfg.loss.global_weight == 0:
         raise ConfigError("loss.dense_weight and loss.global_weight are both 0: nothing to train on; "
                           "keep one of them > 0")

@@ -117,6 +117,9 @@ def resolve_data(cfg: Config, env: Env) -> list[str]:
     from fastemd.pipelines import resolve_sources
 
     sources = list(cfg.data.sources)
+    if not sources and cfg.preset != "demo":  # an empty $DATA must not train on synthetic scenes
+        raise TrainingError(f"data.sources is empty (preset {cfg.preset}): name COCO json files, image folders or "
+                            "manifests, e.g. --data.sources=coco_train.txt; only the demo preset uses the demo dataset")
     if not sources:
         from fastemd.demo_data import ensure_demo_data
 
@@ -142,8 +145,54 @@ def _trim_metrics(path: Path, step: int) -> None:
         if row.get("step", 0) <= step:
             kept.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves the old file, not a stray copy
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why `folder` cannot be (made and) written, or None: checked before any work is done."""
+    if str(folder) in ("", "."):
+        return None if os.access(".", os.W_OK) else "the current folder is not writable"
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename `path` to `path.stale` (or .stale1, .stale2, ... if taken); returns the new path."""
+    aside, n = path.with_name(path.name + ".stale"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.stale{n}"), n + 1
+    os.replace(path, aside)
+    return aside
+
+
+_MODEL_KEYS = ("arch", "width", "zero_init_residual", "proj_hidden", "proj_dim", "pred_hidden")
+
+
+def _check_same_model(state: dict, cfg: Config, source) -> None:
+    """A checkpoint of another network (arch, width, heads, branches) is a one-line error."""
+    saved = state.get("config") or {}
+    saved_model, saved_loss = saved.get("model") or {}, saved.get("loss") or {}
+    differ = [f"model.{k}: saved {saved_model[k]!r}, now {getattr(cfg.model, k)!r}"
+              for k in _MODEL_KEYS if k in saved_model and saved_model[k] != getattr(cfg.model, k)]
+    for k in ("global_weight", "dense_weight"):  # a branch switched on or off changes the parameters
+        if k in saved_loss and (saved_loss[k] > 0) != (getattr(cfg.loss, k) > 0):
+            differ.append(f"loss.{k}: saved {saved_loss[k]!r}, now {getattr(cfg.loss, k)!r}")
+    if differ:
+        raise TrainingError(f"{source}: a checkpoint of another network ({'; '.join(differ)}); resume with the "
+                            f"run's own config: fastemd train --config {Path(cfg.train.out_dir) / 'config.toml'} "
+                            "--resume auto")
 
 
 def choose_loader(kind: str) -> str:
@@ -187,6 +236,8 @@ def train(cfg: Config) -> dict:
 
     env = setup_distributed(cfg.train.device)
     cuda = env.device.type == "cuda"
+    if cfg.loss.impl == "triton" and not cuda:  # before any data or model is set up
+        raise TrainingError("loss.impl=triton needs a CUDA device and this run is on the CPU; use loss.impl=auto")
     threads = torch.get_num_threads()
     if not cuda:
         threads = pick_cpu_threads(cfg.train.cpu_threads, cfg.data.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -200,12 +251,13 @@ def train(cfg: Config) -> dict:
             f"{list_checkpoints(out_dir)[-1].name}): continue it with --resume auto, or start afresh "
             "with another --train.out_dir (a new run here would prune them)"
         )
+    if problem := _unwritable(out_dir):
+        raise TrainingError(f"train.out_dir {out_dir}: {problem}; choose another --train.out_dir")
     revision = git_revision()
-    if env.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(f"# fastemd {revision}\n" + to_toml(cfg))
-        say(f"fastemd: resolved config (saved to {out_dir / 'config.toml'}), git {revision}")
-        say(to_toml(cfg))
+    # Printed now, written to OUT/config.toml only once the data and any checkpoint to resume are
+    # known to fit: a run that fails before leaves the folder (and an earlier run's config) as it was.
+    say(f"fastemd: resolved config (to be saved as {out_dir / 'config.toml'}), git {revision}")
+    say(to_toml(cfg))
 
     # ---- data -------------------------------------------------------------------------------
     files = resolve_data(cfg, env)
@@ -257,6 +309,7 @@ def train(cfg: Config) -> dict:
             say(f"fastemd: --resume auto: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
         else:
             state, resumed_from = found
+            _check_same_model(state, cfg, resumed_from)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
@@ -279,10 +332,26 @@ def train(cfg: Config) -> dict:
             if env.main:  # what lies beyond `step` belongs to a timeline this run replaces
                 for stale in set_aside_newer(out_dir, step):
                     say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
-                _trim_metrics(out_dir / "metrics.jsonl", step)
+                try:
+                    _trim_metrics(out_dir / "metrics.jsonl", step)
+                except OSError as e:
+                    raise TrainingError(f"cannot rewrite {out_dir / 'metrics.jsonl'} ({e.strerror or e}); free "
+                                        "space, then --resume auto again") from None
     if start_in_epoch >= steps_per_epoch:
         epoch, start_in_epoch = epoch + 1, 0
     first_step = step
+    if env.main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.toml").write_text(f"# fastemd {revision}\n" + to_toml(cfg))
+            metrics_path = out_dir / "metrics.jsonl"
+            if not resumed_from and metrics_path.is_file() and metrics_path.stat().st_size:
+                # rows of a run that stopped before its first checkpoint: another timeline, kept aside
+                aside = _set_aside(metrics_path)
+                say(f"fastemd: {metrics_path.name} of an earlier run without checkpoints set aside as {aside.name}")
+        except OSError as e:
+            raise TrainingError(f"cannot write the run folder {out_dir} ({e.strerror or e}); "
+                                "choose another --train.out_dir") from None
     if not resumed_from:
         torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seeds for anything random after init
 
@@ -356,7 +425,13 @@ def train(cfg: Config) -> dict:
             "skipped_steps": skipped, "rng": rng_state(), "config": cfg.to_dict(), "git": revision,
             "world_size": env.world_size, "data": data_states,
         }
-        last_ckpt = save_checkpoint(state, out_dir, step, cfg.train.keep_last)
+        try:
+            last_ckpt = save_checkpoint(state, out_dir, step, cfg.train.keep_last)
+        except OSError as e:  # disk full, quota, a storage fault: the last good checkpoint stays
+            raise TrainingError(
+                f"cannot write the checkpoint of step {step} under {out_dir / 'checkpoints'} ({e.strerror or e}); "
+                f"last good checkpoint: {last_ckpt or 'none yet'}. Free space, then --resume auto"
+            ) from None
 
     done_in_epoch = start_in_epoch  # steps of `epoch` already done: where a resumed run starts
     batches = None

@@ -120,11 +120,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _output_problem(option: str, path: Path, sources: list[str]) -> str | None:
+    """Why `path` cannot take the output of `option` (checked before any image is), or None."""
+    inputs = {Path(s.partition("::")[0]).expanduser().resolve() for s in sources}
+    if path.expanduser().resolve() in inputs:
+        return f"{option} {path} is one of the sources; it would be overwritten: write it elsewhere"
+    if path.is_dir():
+        return f"{option} {path} is a folder; name the file to write"
+    parent = path.parent
+    while not parent.exists():  # the folders to be made: the first existing one must be a writable folder
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{option} {path}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{option} {path}: not writable"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
     console = Console(stderr=True, soft_wrap=True)  # soft_wrap: a long path stays one line in a log
+    problems = [_output_problem(option, Path(value), args.sources)
+                for option, value in (("--manifest", args.manifest), ("--report", args.report))]
+    if Path(args.manifest).expanduser().resolve() == Path(args.report).expanduser().resolve():
+        problems.append(f"--manifest and --report are the same file ({args.manifest})")
+    if any(problems):
+        console.print(f"[red]error:[/red] {escape(next(p for p in problems if p))}")
+        return 2
     try:
         files = resolve_sources(args.sources)
     except DataError as e:
