@@ -113,7 +113,11 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disk error: one clear message
-        raise CheckpointError(f"{path}: cannot be read as a fastemd checkpoint ({type(e).__name__}: {e})") from None
+        if "Weights only load failed" in str(e):  # torch's advice to load it unsafely is not ours to give
+            why = "it holds Python objects a checkpoint never has, so it is not loaded"
+        else:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        raise CheckpointError(f"{path}: cannot be read as a fastemd checkpoint ({why})") from None
     missing = [k for k in ("model", "optimizer", "step", "config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a fastemd training checkpoint (missing {', '.join(missing)})")

@@ -25,7 +25,9 @@ _TRAIN_EPILOG = """\
 config overrides (strict: an unknown key or a wrong type is an error):
   --section.key=value   e.g. --loss.gamma=0.05 --data.batch_size=128 --train.max_steps=1000
                         lists: --data.sources=a.json,b.json   bools: --log.tensorboard=true
-  keys: {keys}
+
+keys, with their type and value in the coco_800ep preset (the demo preset: --print-config):
+{keys}
 
 examples:
   fastemd train --preset demo
@@ -33,6 +35,27 @@ examples:
   torchrun --nproc_per_node=8 tools/train.py --preset coco_800ep --train.out_dir=runs/coco
   fastemd train --preset coco_800ep --resume auto          (continue the newest checkpoint)
 """
+
+
+def _key_lines() -> str:
+    """`  section.key: type = value  (choices)` for every key of the config tree."""
+    import dataclasses
+    import json
+
+    from fastemd.config import _CHOICES, get_preset
+
+    cfg = get_preset("coco_800ep")
+    lines = []
+    for key in valid_keys(cfg):
+        if "." not in key:  # `preset`: the --preset option
+            continue
+        section, name = key.split(".")
+        part = getattr(cfg, section)
+        kind = {f.name: f.type for f in dataclasses.fields(part)}[name]
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        choices = f"  ({', '.join(_CHOICES[key])})" if key in _CHOICES else ""
+        lines.append(f"  {key}: {kind} = {json.dumps(getattr(part, name))}{choices}")
+    return "\n".join(lines)
 
 
 def _split_overrides(rest: list[str]) -> list[str]:
@@ -138,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a detection backbone with Self-EMD. The resolved config is printed at "
         "start and saved in the run folder and in every checkpoint.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_TRAIN_EPILOG.format(keys=", ".join(valid_keys())),
+        epilog=_TRAIN_EPILOG.format(keys=_key_lines()),
     )
     train.add_argument("--preset", choices=None, metavar="NAME",
                        help=f"named config to start from: {', '.join(PRESETS)} (default: coco_800ep, "
@@ -196,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args._run(args, rest)
+    except KeyboardInterrupt:  # Ctrl-C outside the handlers of a command (start-up, after a run)
+        print("fastemd: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"fastemd: config error: {e}", file=sys.stderr)
         return 2

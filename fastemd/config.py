@@ -434,6 +434,9 @@ def validate(cfg: Config) -> None:
         if getattr(getattr(cfg, section), name) < MIN_VIEW_SIZE:
             raise ConfigError(f"{key} must be >= {MIN_VIEW_SIZE} px (the ResNet's stride: a smaller view has no C5 "
                               f"map), got {getattr(getattr(cfg, section), name)}; the demo uses 96, COCO 224")
+    if not cfg.train.out_dir.strip():
+        raise ConfigError("train.out_dir is empty: name the run's folder, e.g. --train.out_dir=runs/coco "
+                          "(an empty value would write checkpoints into the current folder)")
     if not 0.0 <= cfg.optim.momentum < 1.0:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum!r}")
     if cfg.train.device == "cpu" and cfg.loss.impl == "triton":

@@ -201,6 +201,57 @@ def choose_loader(kind: str) -> str:
     return "dali" if importlib.util.find_spec("nvidia.dali") is not None else "torch"
 
 
+class RunLock:
+    """An exclusive lock on OUT/.fastemd.lock for a run's lifetime, held by rank 0: a second run
+    into the same out_dir is refused instead of interleaving its checkpoints and metrics with the
+    first's. It is a kernel lock (flock): a run that crashes or is killed releases it with its
+    process, so nothing is ever left stuck. On a filesystem without flock the run goes on
+    unlocked, with a warning."""
+
+    NAME = ".fastemd.lock"
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.file, self.made_dir = out_dir, None, False
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        self.made_dir = not self.out_dir.exists()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / self.NAME
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            self.file = None
+            raise TrainingError(f"{self.out_dir} is in use by another fastemd run ({holder}); wait for it to end, "
+                                "or choose another --train.out_dir") from None
+        except OSError as e:  # e.g. a network filesystem without flock
+            print(f"fastemd: warning: cannot lock {path} ({e.strerror or e}); two runs into {self.out_dir} at once "
+                  "would mix their files", file=sys.stderr)
+            return
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if self.file is None:
+            return
+        (self.out_dir / self.NAME).unlink(missing_ok=True)
+        self.file.close()  # closing releases the lock
+        self.file = None
+        if self.made_dir:  # a run that failed before writing anything leaves no empty folder behind
+            try:
+                self.out_dir.rmdir()
+            except OSError:
+                pass
+
+
 class StopSignal:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step end.
 
@@ -230,6 +281,14 @@ class StopSignal:
 
 def train(cfg: Config) -> dict:
     """Pretrain; returns how it ended, the paths of what it wrote, and the (unwrapped) model."""
+    lock = RunLock(Path(cfg.train.out_dir))
+    try:
+        return _train(cfg, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, lock: RunLock) -> dict:
     from fastemd.model import SelfEMD
     from fastemd.optim import build_optimizer, global_batch_lr, lr_schedule, tau_schedule, wd_schedule
     from fastemd.pipelines import BadImageError, build_two_view_loader
@@ -245,14 +304,16 @@ def train(cfg: Config) -> dict:
     say = print if env.main else (lambda *a, **k: None)
 
     # ---- run folder and resolved config ---------------------------------------------------
+    if problem := _unwritable(out_dir):
+        raise TrainingError(f"train.out_dir {out_dir}: {problem}; choose another --train.out_dir")
+    if env.main:
+        lock.acquire()  # before anything in out_dir is read or written
     if not cfg.train.resume and list_checkpoints(out_dir):  # before anything of it is overwritten
         raise TrainingError(
             f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run (newest "
             f"{list_checkpoints(out_dir)[-1].name}): continue it with --resume auto, or start afresh "
             "with another --train.out_dir (a new run here would prune them)"
         )
-    if problem := _unwritable(out_dir):
-        raise TrainingError(f"train.out_dir {out_dir}: {problem}; choose another --train.out_dir")
     revision = git_revision()
     # Printed now, written to OUT/config.toml only once the data and any checkpoint to resume are
     # known to fit: a run that fails before leaves the folder (and an earlier run's config) as it was.
@@ -629,6 +690,10 @@ def main(cfg: Config) -> int:
     except (TrainingError, DataError, CheckpointError) as e:
         print(f"fastemd: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint the first one asks for
+        print(f"fastemd: interrupted by a second Ctrl-C; no checkpoint written now, the earlier ones stay in "
+              f"{Path(cfg.train.out_dir) / 'checkpoints'} (--resume auto continues from the newest)", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

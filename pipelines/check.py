@@ -81,8 +81,17 @@ def check_file(path: str) -> FileCheck:
     return FileCheck(path, None, ", ".join(notes))
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the pool and reports; the
+    # workers leave it to the parent instead of each printing a traceback.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def check_files(files: list[str], workers: int, progress: bool = True) -> list[FileCheck]:
-    """Every file, in order, checked by `workers` processes under a rich progress bar."""
+    """Every file, in order, checked by `workers` processes under a rich progress bar. On Ctrl-C
+    the checks so far are in `exc.results` of the KeyboardInterrupt that is raised."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -91,15 +100,22 @@ def check_files(files: list[str], workers: int, progress: bool = True) -> list[F
     # On stderr, like the summary: stdout may be a file, and the bar is switched on by stderr's tty.
     with Progress(*columns, disable=not progress, transient=False, console=Console(stderr=True)) as bar:
         task = bar.add_task("check", total=len(files))
-        if workers <= 1:
-            for path in files:
-                results.append(check_file(path))
-                bar.advance(task)
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                for result in pool.map(check_file, files, chunksize=64):
-                    results.append(result)
+        try:
+            if workers <= 1:
+                for path in files:
+                    results.append(check_file(path))
                     bar.advance(task)
+            else:
+                pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint)
+                try:
+                    for result in pool.map(check_file, files, chunksize=64):
+                        results.append(result)
+                        bar.advance(task)
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt as e:
+            e.results = results
+            raise
     return results
 
 
@@ -154,7 +170,16 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
-    results = check_files(files, args.workers, progress=not args.no_progress and sys.stderr.isatty())
+    try:
+        results = check_files(files, args.workers, progress=not args.no_progress and sys.stderr.isatty())
+    except KeyboardInterrupt as e:  # a partial manifest would drop the unchecked files silently: none
+        done = getattr(e, "results", [])
+        report = Path(args.report)
+        report.write_text(f"# interrupted: {len(done)} of {len(files)} images checked\npath\treason\n"
+                          + "".join(f"{r.path}\t{r.reason}\n" for r in done if r.reason is not None))
+        console.print(f"interrupted after {len(done)} of {len(files)} images; the bad ones so far: "
+                      f"{escape(args.report)}; no manifest written (run check-data again)")
+        return 130
     write_outputs(results, Path(args.manifest), Path(args.report), args.sources)
     bad = [r for r in results if r.reason is not None]
     converted = sum(1 for r in results if r.note)

@@ -90,6 +90,10 @@ def _coco_images(json_path: Path, image_dir: Path | None) -> list[str]:
     images = [coco.imgs[i] for i in sorted(coco.getImgIds())]  # by id: independent of json order
     if any("file_name" not in im for im in images):
         raise DataError(f"{json_path}: an entry of 'images' has no 'file_name'; expected COCO image records")
+    bad = next((im for im in images if not isinstance(im["file_name"], str) or not im["file_name"]), None)
+    if bad is not None:
+        raise DataError(f"{json_path}: bad image record (id {bad.get('id')!r}): file_name {bad['file_name']!r} "
+                        "is not a file name")
     root = image_dir if image_dir is not None else _coco_image_dir(json_path)
     if not root.is_dir():
         raise DataError(f"{root}: image folder of {json_path} not found (write ANN.json::IMAGE_DIR to name it)")

@@ -146,3 +146,119 @@ def test_disk_full_during_a_checkpoint_names_the_last_good_one(tmp_path, capsys,
     monkeypatch.undo()  # space freed: the run continues from the last good checkpoint
     assert main([*args, "--train.max_steps=4", "--resume", "auto"]) == 0
     assert [p.name for p in list_checkpoints(out)] == ["step_00000002.pt", "step_00000004.pt"]
+
+
+def _wait_for_steps(metrics, n, proc, timeout=120):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} log steps in {metrics} (exit status {proc.poll()})")
+
+
+def _train_cmd(demo_json, out, *extra):
+    return [sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", f"--data.sources={demo_json}",
+            f"--train.out_dir={out}", *TINY, *extra]
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, demo_json):
+    import signal
+
+    out = tmp_path / "run"
+    first = subprocess.Popen(_train_cmd(demo_json, out, "--train.max_steps=500"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        _wait_for_steps(out / "metrics.jsonl", 2, first)
+        second = subprocess.run(_train_cmd(demo_json, out, "--train.max_steps=2", "--resume", "auto"),
+                                capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+        assert f"{out} is in use by another fastemd run (pid {first.pid} on " in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)  # a crash: no clean exit, the lock file stays behind
+        first.wait(timeout=60)
+    assert (out / ".fastemd.lock").exists()
+    third = subprocess.run(_train_cmd(demo_json, out, "--train.max_steps=40", "--resume", "auto"),
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)  # the dead run's lock is gone
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert not (out / ".fastemd.lock").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, demo_json):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    # 160 px views: a step long enough that both signals land in it
+    proc = subprocess.Popen(_train_cmd(demo_json, out, "--train.max_steps=500", "--data.view1_size=160",
+                                       "--data.view2_size=160"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _wait_for_steps(out / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out_text, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    if "stopped by SIGINT" in out_text:  # the first one's checkpoint came before the second
+        return
+    assert "interrupted by a second Ctrl-C" in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_during_check_data_reports_what_was_checked(tmp_path):
+    import signal
+    import time
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = Image.effect_noise((256, 256), 64).convert("RGB")
+    for i in range(1500):
+        (folder / f"{i:04d}.png").write_bytes(b"")  # placeholders, filled below
+    (folder / "bad.jpg").write_bytes(b"not an image")
+    image.save(folder / "0000.png")
+    for i in range(1, 1500):  # the same bytes: quick to write, as slow to check as any
+        (folder / f"{i:04d}.png").write_bytes((folder / "0000.png").read_bytes())
+    cmd = [sys.executable, "-m", "fastemd.cli", "check-data", str(folder), "--manifest", str(tmp_path / "m.txt"),
+           "--report", str(tmp_path / "r.tsv"), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:  # until the checking processes exist
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if len(children) >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.skip("check-data finished before the interrupt")
+    os_killpg = __import__("os").killpg
+    os_killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted after" in err and "no manifest written" in err
+    assert not (tmp_path / "m.txt").exists() and (tmp_path / "r.tsv").read_text().startswith("# interrupted: ")
+
+
+def test_odd_records_and_files_are_one_line_errors(tmp_path, capsys, demo_json):
+    from fastemd.pipelines import DataError, resolve_sources
+
+    coco = json.loads(open(demo_json).read())
+    coco["images"][3]["file_name"] = 17
+    bad = tmp_path / "annotations" / "instances_train2017.json"
+    bad.parent.mkdir()
+    (tmp_path / "train2017").mkdir()
+    bad.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"bad image record \(id 4\): file_name 17 is not a file name"):
+        resolve_sources([str(bad)])
+    import functools
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": functools.partial(print, "runs on load with weights_only=False")}, evil)
+    assert main(["export", str(evil), "--format", "torchvision", "--output", str(tmp_path / "x.pth")]) == 1
+    err = _one_line_error(capsys, "evil.pt: cannot be read as a fastemd checkpoint (it holds Python objects")
+    assert "weights_only=False" not in err
+    assert main(["train", "--preset", "demo", "--train.out_dir="]) == 2
+    _one_line_error(capsys, "train.out_dir is empty")

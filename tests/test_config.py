@@ -138,6 +138,9 @@ def test_console_script_help_lists_every_subcommand(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fastemd.cli", "train", "--help"], capture_output=True, text=True,
                          check=True, cwd=tmp_path).stdout
     assert "--loss.gamma=0.05" in out and "demo" in out and "torchrun" in out
+    # every key with its type, value and choices
+    assert "  loss.gamma: float = 0.05\n" in out and '  loss.impl: str = "auto"  (auto, triton, torch)' in out
+    assert all(f"  {key}: " in out for key in C.valid_keys() if "." in key)
 
 
 def test_installed_package_layout():
