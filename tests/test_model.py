@@ -317,8 +317,12 @@ def test_forward_compiles_without_graph_breaks():
     ref = model(v1, v2)
     out = torch.compile(model, fullgraph=True, backend="aot_eager")(v1, v2)
     out["loss"].backward()
+    maps, ref_maps = out.pop("maps"), ref.pop("maps")  # the health signals' tensors come out too
     for k in ref:
         torch.testing.assert_close(out[k].detach(), ref[k].detach(), rtol=1e-5, atol=1e-5)
+    assert maps.keys() == ref_maps.keys()
+    for k in ref_maps:
+        torch.testing.assert_close(maps[k], ref_maps[k], rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_model_overfits_a_fixed_batch():
