@@ -55,17 +55,20 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=checkpoint_step)
 
 
+def set_aside(path: Path) -> Path:
+    """Rename `path` to `path.stale` (`.stale1`, `.stale2`, ... when that is taken: a file set
+    aside before is kept too); returns the new path."""
+    stale, n = path.with_name(path.name + ".stale"), 1
+    while stale.exists():
+        stale, n = path.with_name(f"{path.name}.stale{n}"), n + 1
+    os.replace(path, stale)
+    return stale
+
+
 def set_aside_newer(out_dir: str | Path, step: int) -> list[Path]:
     """Rename the checkpoints numbered above `step` to `*.stale` (a run resumed from `step`
     makes them another timeline); returns their new paths."""
-    moved = []
-    for path in list_checkpoints(out_dir):
-        if checkpoint_step(path) > step:
-            stale, n = path.with_name(path.name + ".stale"), 1
-            while stale.exists():  # set aside before (a second rewind): keep that one too
-                stale, n = path.with_name(f"{path.name}.stale{n}"), n + 1
-            os.replace(path, stale)
-            moved.append(stale)
+    moved = [set_aside(path) for path in list_checkpoints(out_dir) if checkpoint_step(path) > step]
     if moved:
         _fsync_dir(moved[0].parent)
     return moved
@@ -105,19 +108,30 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int)
     return path
 
 
+def load_weights_only(path: str | Path):
+    """`torch.load(path, weights_only=True)` onto the CPU, or a CheckpointError saying why in a
+    few words: truncated zip, foreign pickle, disk error. torch's warnings and its advice to load
+    a refused file unsafely are not passed on."""
+    try:
+        with warnings.catch_warnings():  # torch warns about some pickles before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError("it holds Python objects other than tensors, so it is not loaded") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{type(e).__name__}: {first}" if first else type(e).__name__) from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load one checkpoint with `weights_only=True`; any problem is a CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, disk error: one clear message
-        if "Weights only load failed" in str(e):  # torch's advice to load it unsafely is not ours to give
-            why = "it holds Python objects a checkpoint never has, so it is not loaded"
-        else:
-            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-        raise CheckpointError(f"{path}: cannot be read as a fastemd checkpoint ({why})") from None
+        state = load_weights_only(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: cannot be read as a fastemd checkpoint ({e})") from None
     missing = [k for k in ("model", "optimizer", "step", "config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a fastemd training checkpoint (missing {', '.join(missing)})")

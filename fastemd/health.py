@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from fastemd.kernels import emd_similarity
 from fastemd.kernels.emd import marginals
+from fastemd.model import _positions  # (B, C, H, W) -> (B, H*W, C), as the loss lays the maps out
 
 # Thresholds of the warning; see HealthMonitor. On the demo, runs that did not learn (probe equal
 # to random init) kept the smoothed gaps within +-0.005; runs that learned opened them past 0.03
@@ -41,10 +42,6 @@ SMOOTHING = 0.8  # the gaps' exponential moving average over log steps
 
 KEYS = ("sim_dense_own", "sim_dense_other", "gap_dense", "sim_global_own", "sim_global_other", "gap_global",
         "spread_dense", "spread_global", "rank", "sinkhorn_err")
-
-
-def _positions(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
 
 
 def spread(x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from fastemd.checkpoint import (
     load_latest,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_aside_newer,
     set_rng_state,
 )
@@ -166,15 +167,6 @@ def _unwritable(folder: Path) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{parent} is not writable"
     return None
-
-
-def _set_aside(path: Path) -> Path:
-    """Rename `path` to `path.stale` (or .stale1, .stale2, ... if taken); returns the new path."""
-    aside, n = path.with_name(path.name + ".stale"), 1
-    while aside.exists():
-        aside, n = path.with_name(f"{path.name}.stale{n}"), n + 1
-    os.replace(path, aside)
-    return aside
 
 
 _MODEL_KEYS = ("arch", "width", "zero_init_residual", "proj_hidden", "proj_dim", "pred_hidden")
@@ -408,7 +400,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             metrics_path = out_dir / "metrics.jsonl"
             if not resumed_from and metrics_path.is_file() and metrics_path.stat().st_size:
                 # rows of a run that stopped before its first checkpoint: another timeline, kept aside
-                aside = _set_aside(metrics_path)
+                aside = set_aside(metrics_path)
                 say(f"fastemd: {metrics_path.name} of an earlier run without checkpoints set aside as {aside.name}")
         except OSError as e:
             raise TrainingError(f"cannot write the run folder {out_dir} ({e.strerror or e}); "

@@ -118,8 +118,7 @@ def load_backbone(path: str, network: str | None = None) -> Backbone:
     """A training checkpoint (its `network` backbone, online by default) or a torchvision-named
     ResNet state dict (`fastemd export --format torchvision`, or any torchvision ResNet's, `fc`
     ignored; `network` must then be None)."""
-    import warnings
-
+    from fastemd.checkpoint import load_weights_only
     from fastemd.export import backbone_state_dict
 
     file = Path(path)
@@ -128,13 +127,9 @@ def load_backbone(path: str, network: str | None = None) -> Backbone:
     if not file.is_file():
         raise ProbeError(f"{path}: no such file (expected a checkpoint or an exported backbone .pth)")
     try:
-        with warnings.catch_warnings():  # torch warns about some pickles before refusing them
-            warnings.simplefilter("ignore")
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = "it holds Python objects other than tensors" if "Weights only load failed" in str(e) else \
-            (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ProbeError(f"{path}: cannot be read as a torch state dict ({why}); expected a checkpoint or an "
+        state = load_weights_only(file)
+    except CheckpointError as e:
+        raise ProbeError(f"{path}: cannot be read as a torch state dict ({e}); expected a checkpoint or an "
                          "exported backbone") from None
     if not isinstance(state, dict):
         raise ProbeError(f"{path}: holds a {type(state).__name__}, not a state dict")
