@@ -203,13 +203,16 @@ class RunLock:
     NAME = ".fastemd.lock"
 
     def __init__(self, out_dir: Path):
-        self.out_dir, self.file, self.made_dir = out_dir, None, False
+        self.out_dir, self.file, self.made = out_dir, None, []
 
     def acquire(self) -> None:
         import fcntl
         import socket
 
-        self.made_dir = not self.out_dir.exists()
+        missing = self.out_dir
+        while not missing.exists():  # the folders this run makes (runs/ of runs/demo too)
+            self.made.append(missing)
+            missing = missing.parent
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / self.NAME
         self.file = open(path, "a+")
@@ -237,11 +240,11 @@ class RunLock:
         (self.out_dir / self.NAME).unlink(missing_ok=True)
         self.file.close()  # closing releases the lock
         self.file = None
-        if self.made_dir:  # a run that failed before writing anything leaves no empty folder behind
+        for folder in self.made:  # a run that failed before writing anything leaves no empty folder behind
             try:
-                self.out_dir.rmdir()
+                folder.rmdir()  # only if empty: innermost first
             except OSError:
-                pass
+                break
 
 
 class StopSignal:
@@ -649,7 +652,8 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     result = {"out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
               "metrics": str(out_dir / "metrics.jsonl"), "step": step, "ended": ended,
-              "skipped_steps": skipped, "fp16_overflows": overflows, "signal": stop.signum, "model": model}
+              "skipped_steps": skipped, "fp16_overflows": overflows, "signal": stop.signum, "model": model,
+              "skipped_files": getattr(loader, "skipped_files", 0)}
     if env.main and ended == "finished" and last_ckpt is not None:
         from fastemd.export import export_checkpoint
 
@@ -658,6 +662,10 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         result["backbone"] = str(backbone)
     if env.main:
         say(f"fastemd: {ended} at step {step}/{run_steps} ({skipped} skipped)")
+        if result["skipped_files"]:
+            whose = "" if env.world_size == 1 else " by rank 0"
+            say(f"  images:     {result['skipped_files']} skipped{whose} (named in the warnings above); "
+                f"`fastemd check-data` lists every unusable file before a run")
         say(f"  checkpoint: {result['checkpoint']}")
         say(f"  metrics:    {result['metrics']}")
         if "backbone" in result:

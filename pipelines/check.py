@@ -1,10 +1,13 @@
 """`fastemd check-data SOURCES`: check every image once, write a manifest of the good ones.
 
 Training reads the manifest (it is a source like any other), so a bad file costs one line in a
-report instead of a crash at hour 30. Rules, applied to the header first, then a full decode:
+report instead of a crash at hour 30. Rules, applied to the name and header first, then a full
+decode:
 
 rejected (in the report, left out of the manifest):
-- cannot be read, zero bytes, not an image, or not JPEG/PNG;
+- a name that is not valid UTF-8 or holds a line break (DALI takes no such name, a manifest line
+  cannot hold it): rename the file;
+- a link that leads nowhere or to itself; cannot be read, zero bytes, not an image, or not JPEG/PNG;
 - smaller than 32 px on a side (a 224 crop of it would be a blur of a few pixels);
 - larger than 10,000 px on a side: rejected, not decoded (one such RGB image is >= 300 MB
   decoded, more than nvJPEG's preallocated buffers, and COCO has none);
@@ -12,11 +15,18 @@ rejected (in the report, left out of the manifest):
 accepted (the decoders convert them, both DALI's and the reference loader's; counted as notes):
 - CMYK JPEG, grayscale or palette, 16-bit PNG (scaled to 8 bits), alpha (dropped),
   EXIF orientation (decoded upright).
+
+Training applies the same name and header rules (`screen`, `header_problem`) to every file it is
+given, with either loader, before anything decodes it, so that a file check-data would reject is
+a reported skip in training too, never a 1.2 GB decode of a 68 kB file whose header lies.
+Paths are shown (report, messages) by `shown`: as they are, or escaped where they hold bytes that
+are not UTF-8 or characters that would break a line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .sources import DataError, resolve_sources
+from .sources import DataError, name_problem, resolve_sources, shown
 
 MIN_SIDE = 32
 MAX_SIDE = 10_000
@@ -39,23 +49,64 @@ class FileCheck:
     note: str = ""  # usable, but converted on decode
 
 
-def check_file(path: str) -> FileCheck:
+def header_problem(image: Image.Image) -> str | None:
+    """Why an opened (not yet decoded) image is rejected by its header alone, or None."""
+    width, height = image.size
+    # MPO: the multi-picture JPEG many cameras write; every decoder reads its first image
+    if image.format not in ("JPEG", "MPO", "PNG"):
+        return f"not a JPEG or PNG ({image.format})"
+    if min(width, height) < MIN_SIDE:
+        return f"too small: {width}x{height} (expected >= {MIN_SIDE} px a side)"
+    if max(width, height) > MAX_SIDE:
+        return f"too large: {width}x{height} (expected <= {MAX_SIDE} px a side)"
+    return None
+
+
+def _file_problem(path: str) -> str | None:
+    """Why the file itself (not its content) is unusable: its name, a broken link, no bytes."""
+    problem = name_problem(path)
+    if problem is not None:
+        return problem
     try:
         if os.path.getsize(path) == 0:
-            return FileCheck(path, "zero-byte file")
+            return "zero-byte file"
     except OSError as e:
-        return FileCheck(path, f"cannot read: {e.strerror}")
+        if os.path.islink(path):
+            if e.errno == errno.ELOOP:
+                return "link loop (the link leads back to itself)"
+            return f"broken link (to {shown(os.readlink(path))}, which does not exist)"
+        return f"cannot read: {e.strerror}"
+    return None
+
+
+def screen(path: str) -> str | None:
+    """The name and header rules alone, as training applies them before a decode: why the file
+    is rejected, or None. Reads the header only (~0.1 ms a file)."""
+    problem = _file_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        with Image.open(path) as image:
+            return header_problem(image)
+    except UnidentifiedImageError:
+        return "not an image"
+    except Image.DecompressionBombError as e:
+        return f"too large: {e}"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"truncated or corrupt: {e}"
+
+
+def check_file(path: str) -> FileCheck:
+    problem = _file_problem(path)
+    if problem is not None:
+        return FileCheck(path, problem)
     notes = []
     try:
         with Image.open(path) as image:
             width, height = image.size
-            # MPO: the multi-picture JPEG many cameras write; every decoder reads its first image
-            if image.format not in ("JPEG", "MPO", "PNG"):
-                return FileCheck(path, f"not a JPEG or PNG ({image.format})")
-            if min(width, height) < MIN_SIDE:
-                return FileCheck(path, f"too small: {width}x{height} (expected >= {MIN_SIDE} px a side)")
-            if max(width, height) > MAX_SIDE:
-                return FileCheck(path, f"too large: {width}x{height} (expected <= {MAX_SIDE} px a side)")
+            problem = header_problem(image)
+            if problem is not None:
+                return FileCheck(path, problem)
             mode = image.mode
             if mode == "CMYK":
                 notes.append("CMYK")
@@ -123,9 +174,13 @@ def write_outputs(results: list[FileCheck], manifest: Path, report: Path, source
     good = [r.path for r in results if r.reason is None]
     manifest.parent.mkdir(parents=True, exist_ok=True)
     report.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# fastemd check-data: {len(good)} of {len(results)} images usable, from {' '.join(sources)}\n"
-    manifest.write_text(header + "".join(p + "\n" for p in good))
-    report.write_text("path\treason\n" + "".join(f"{r.path}\t{r.reason}\n" for r in results if r.reason is not None))
+    header = f"# fastemd check-data: {len(good)} of {len(results)} images usable, from {' '.join(map(shown, sources))}\n"
+    manifest.write_text(header + "".join(p + "\n" for p in good))  # good names are UTF-8, one line each
+    report.write_text(_report_rows(results))
+
+
+def _report_rows(results: list[FileCheck]) -> str:
+    return "path\treason\n" + "".join(f"{shown(r.path)}\t{r.reason}\n" for r in results if r.reason is not None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,8 +230,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:  # a partial manifest would drop the unchecked files silently: none
         done = getattr(e, "results", [])
         report = Path(args.report)
-        report.write_text(f"# interrupted: {len(done)} of {len(files)} images checked\npath\treason\n"
-                          + "".join(f"{r.path}\t{r.reason}\n" for r in done if r.reason is not None))
+        report.write_text(f"# interrupted: {len(done)} of {len(files)} images checked\n" + _report_rows(done))
         console.print(f"interrupted after {len(done)} of {len(files)} images; the bad ones so far: "
                       f"{escape(args.report)}; no manifest written (run check-data again)")
         return 130
@@ -188,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         f"manifest: {escape(args.manifest)}, report: {escape(args.report)}"
     )
     for r in bad[:10]:
-        console.print(f"  [yellow]{escape(r.path)}[/yellow]: {escape(r.reason)}")  # paths may hold [...]
+        console.print(f"  [yellow]{escape(shown(r.path))}[/yellow]: {escape(r.reason)}")  # paths may hold [...]
     if len(bad) > 10:
         console.print(f"  ... and {len(bad) - 10} more in {escape(args.report)}")
     return 0 if len(bad) < len(results) else 1

@@ -21,22 +21,26 @@ one. Without a state (or with one from another position) a run started at `start
 same images, and draws the rest of that epoch's augmentations afresh from (seed, epoch, rank,
 start_step), with a warning if a state was given; from the next epoch on everything is identical.
 
-Bad files: a decode failure in DALI does not name the file, so the loader finds it by checking
-the files of the failing batches on the host (`check.check_file`) and, if they all pass, by
-decoding them one at a time with DALI's decoder; then on "skip" it swaps the file for the next
-one of the rank's list, rebuilds the pipeline at the failed step and goes on (the file stays
-swapped for the rest of the run); on "stop" it raises `BadImageError`. A failure no single file
-explains is raised as a RuntimeError with DALI's message and the batch's files.
+Bad files: before DALI reads a file, the loader applies check-data's name and header rules to it
+(`check.screen`, once per file per run), so an 8x8 image, a name DALI cannot take or a header
+that claims 20000x20000 px is skipped by name and never decoded. A decode failure in DALI does
+not name the file, so the loader finds it by checking the files of the failing batches on the
+host (`check.check_file`) and, if they all pass, by decoding them one at a time with DALI's
+decoder; then on "skip" it swaps the file for the next one of the rank's list, rebuilds the
+pipeline at the failed step and goes on (the file stays swapped for the rest of the run); on
+"stop" it raises `BadImageError`. A failure no single file explains is raised as a RuntimeError
+with DALI's message and the batch's files.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import torch
 
-from .sources import BadImageError, derived_seed, epoch_shard, steps_per_epoch
+from .sources import BadImageError, derived_seed, epoch_shard, shown, steps_per_epoch
 from .torch_loader import MEAN, STD, ViewRecipe, byol_recipes
 
 try:
@@ -50,6 +54,7 @@ except ImportError:  # macOS, ARM, or a GPU machine without DALI: the reference 
     HAVE_DALI = False
 
 log = logging.getLogger(__name__)
+_UNSEEN = object()
 
 _SOLARIZE_KEYS = list(range(256))
 _SOLARIZE_VALUES = [float(v if v < 128 else 255 - v) for v in _SOLARIZE_KEYS]
@@ -153,6 +158,8 @@ class DaliTwoViewLoader:
         self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
         self.skipped_files = 0
         self._bad: dict[str, str] = {}  # path -> reason, swapped out for the rest of the run
+        self._screened: dict[str, str | None] = {}  # path -> `check.screen`'s verdict (None: usable)
+        self._screener: threading.Thread | None = None
         self._live: dict | None = None  # the running epoch: position and pipeline, for state_dict()
         self._resume: dict | None = None  # a saved state, used by the epoch() call at its position
 
@@ -197,8 +204,45 @@ class DaliTwoViewLoader:
     def _rank_files(self, epoch: int) -> list[str]:
         return [self.files[i] for i in self.shard(epoch).reshape(-1)]
 
+    def _screen(self, files: list[str]) -> None:
+        """check-data's name and header rules (`check.screen`) on `files` before DALI reads any:
+        a name DALI cannot take, a broken link, an 8x8 icon or a small file whose header claims
+        20000x20000 px is skipped (or stops the run) by name, never decoded. A header is read
+        once a run (~0.15 ms): the first call screens its own files and starts a thread that
+        screens all the others, so later epochs find theirs done (no stall at their start)."""
+        from .check import screen
+
+        if self._screener is None:
+            self._screener = threading.Thread(target=self._screen_all, name="fastemd-screen", daemon=True)
+            first = True
+        else:
+            first = False
+        for path in files:
+            if path in self._bad:
+                continue
+            reason = self._screened.get(path, _UNSEEN)
+            if reason is _UNSEEN:
+                reason = self._screened[path] = screen(path)
+            if reason is None:
+                continue
+            if self.on_bad_file == "stop":
+                raise BadImageError(path, reason)
+            log.warning("skipped %s: %s (replaced by the next file of this rank)", shown(path), reason)
+            self.skipped_files += 1
+            self._bad[path] = reason
+        if first:
+            self._screener.start()
+
+    def _screen_all(self) -> None:
+        from .check import screen
+
+        for path in self.files:
+            if path not in self._screened:
+                self._screened[path] = screen(path)  # dict stores are atomic; a race only repeats one read
+
     def epoch(self, epoch: int, start_step: int = 0, with_params: bool = False):
         files = self._rank_files(epoch)
+        self._screen(files)
         for i, path in enumerate(files):
             if path in self._bad:
                 files[i] = self._replacement(files, i)
@@ -250,7 +294,7 @@ class DaliTwoViewLoader:
         if self.on_bad_file == "stop":
             raise BadImageError(files[found[0][0]], found[0][1]) from None
         for i, reason in found:  # all of them known before any replacement is picked
-            log.warning("skipped %s: %s (replaced by the next file of this rank)", files[i], reason)
+            log.warning("skipped %s: %s (replaced by the next file of this rank)", shown(files[i]), reason)
             self.skipped_files += 1
             self._bad[files[i]] = reason
         for i, _ in found:

@@ -5,7 +5,8 @@ A source is one of:
   ``images`` list is read (through pycocotools); annotations may be absent. The image folder is
   ``<json dir>/../<split>`` or ``<json dir>/<split>``, the split (``train2017``) taken from the
   json's file name; write ``ANN.json::IMAGE_DIR`` to name the folder explicitly.
-- a folder: every ``.jpg``, ``.jpeg`` and ``.png`` under it, recursively, sorted.
+- a folder: every ``.jpg``, ``.jpeg`` and ``.png`` under it, recursively (linked folders too),
+  sorted; a link is listed under its own name.
 - a manifest (any other file, e.g. the one ``fastemd check-data`` writes): one path a line,
   lines starting with ``#`` are comments (a ``#`` inside a line is part of the file name),
   relative paths are relative to the manifest's folder.
@@ -68,11 +69,24 @@ def resolve_sources(sources: list[str] | str) -> list[str]:
 
 
 def _folder_images(folder: Path) -> list[str]:
-    return sorted(
-        str(p.resolve())
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    """Every image name under `folder`, recursively, sorted. Links are listed under their own names
+    (a link to /etc/passwd is reported as the link, not as /etc/passwd); broken and looping links
+    are listed too, so that check-data and training report them instead of dropping them
+    silently; linked folders are followed, each real folder once (a link loop ends there)."""
+    found, seen = [], set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        found.extend(os.path.join(top, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES)
+    return sorted(_absolute(p) for p in found)
+
+
+def _absolute(path: Path | str) -> str:
+    """An absolute, normalised path that keeps links as they are named (no resolve())."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _coco_images(json_path: Path, image_dir: Path | None) -> list[str]:
@@ -97,7 +111,7 @@ def _coco_images(json_path: Path, image_dir: Path | None) -> list[str]:
     root = image_dir if image_dir is not None else _coco_image_dir(json_path)
     if not root.is_dir():
         raise DataError(f"{root}: image folder of {json_path} not found (write ANN.json::IMAGE_DIR to name it)")
-    return [str((root / im["file_name"]).resolve()) for im in images]
+    return [_absolute(root / im["file_name"]) for im in images]
 
 
 def _coco_image_dir(json_path: Path) -> Path:
@@ -118,13 +132,16 @@ def _manifest_images(manifest: Path) -> list[str]:
     except UnicodeDecodeError:
         raise DataError(f"{manifest}: not a text file; expected a manifest (one image path a line)") from None
     files = []
-    for line in text.splitlines():
+    # Lines end at "\n" (and "\r\n") only: str.splitlines() would also cut at form feeds and
+    # other separators a file name may hold.
+    for line in text.split("\n"):
+        line = line.removesuffix("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         path = manifest.parent / line
         if line != line.strip() and not path.exists():  # spaces around a path are layout, unless
             path = manifest.parent / line.strip()        # the file's own name has them
-        files.append(str(path.resolve()))
+        files.append(_absolute(path))
     return files
 
 
@@ -160,10 +177,29 @@ def derived_seed(*values: int) -> int:
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def shown(path: str) -> str:
+    """`path` for a message or a report line: as it is, or, where it holds bytes that are not
+    UTF-8 or a control character (a line break, a tab), its bytes escaped (``\\xff``, ``\\n``)."""
+    if name_problem(path) is None and "\t" not in path:
+        return path
+    return str(os.fsencode(path))[2:-1]
+
+
+def name_problem(path: str) -> str | None:
+    """Why no tool can carry this file name, or None."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (DALI cannot open it): rename the file"
+    if "\n" in path or "\r" in path:
+        return "file name holds a line break (a manifest cannot list it): rename the file"
+    return None
+
+
 class BadImageError(RuntimeError):
     """An image that failed to decode during training (on_bad_file="stop")."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason} (run `fastemd check-data` and train from its manifest)")
+        super().__init__(f"{shown(path)}: {reason} (run `fastemd check-data` and train from its manifest)")
         self.path = path
         self.reason = reason

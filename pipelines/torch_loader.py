@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from .sources import BadImageError, epoch_shard, steps_per_epoch
+from .check import header_problem
+from .sources import BadImageError, epoch_shard, name_problem, shown, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,25 @@ def augment_view(image: Image.Image, params: dict, recipe: ViewRecipe) -> np.nda
     return np.array(x, copy=True) if not x.flags.writeable else np.ascontiguousarray(x)
 
 
+class RejectedImage(ValueError):
+    """A file that check-data's name or header rules reject (`check.screen`): never decoded."""
+
+
 def decode_rgb(path: str) -> Image.Image:
     """PIL decode with the conventions of DALI's decoder: EXIF orientation applied, RGB out,
-    16-bit scaled to 8 bits (PIL's own convert would clip), alpha dropped."""
-    with Image.open(path) as image:
+    16-bit scaled to 8 bits (PIL's own convert would clip), alpha dropped. A file that
+    check-data's rules reject raises `RejectedImage` before anything is decoded."""
+    problem = name_problem(path)
+    if problem is not None:
+        raise RejectedImage(problem)
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise RejectedImage(f"too large: {e}") from None
+    with image:
+        problem = header_problem(image)
+        if problem is not None:
+            raise RejectedImage(problem)
         image.load()
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -171,6 +187,8 @@ class _TwoViewDataset(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             image = decode_rgb(path)
+        except RejectedImage as e:
+            return (path, str(e))
         except Exception as e:  # any decode failure becomes a named, recoverable record
             return (path, f"{type(e).__name__}: {e}")
         rng = np.random.default_rng([self.seed, epoch, self.rank, step, slot])
@@ -276,7 +294,7 @@ class TorchTwoViewLoader:
             for path, reason in failures:
                 if self.on_bad_file == "stop":
                     raise BadImageError(path, reason)
-                log.warning("skipped %s: %s (replaced by another image of its batch)", path, reason)
+                log.warning("skipped %s: %s (replaced by another image of its batch)", shown(path), reason)
                 self.skipped_files += 1
             if v1 is None:
                 v1, v2 = self._refill(shard, epoch, step)

@@ -262,3 +262,171 @@ def test_odd_records_and_files_are_one_line_errors(tmp_path, capsys, demo_json):
     assert "weights_only=False" not in err
     assert main(["train", "--preset", "demo", "--train.out_dir="]) == 2
     _one_line_error(capsys, "train.out_dir is empty")
+
+
+# Files that check-data rejects: training applies the same rules, with either loader --------------
+
+def _jpeg(path, size=(64, 48), seed=0):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+
+
+def _lying_jpeg(path, claimed=20_000):
+    """A 64x48 JPEG whose SOF header claims claimed x claimed px (a few kB: decoding it as claimed
+    takes a 1.2 GB buffer)."""
+    import io
+
+    buf = io.BytesIO()
+    _jpeg(buf)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = claimed.to_bytes(2, "big") * 2
+    path.write_bytes(bytes(data))
+
+
+def _folder_with_rejects(folder):
+    """19 good JPEGs and the 5 files check-data rejects by name or header; -> {name: reason fragment}."""
+    import os
+
+    folder.mkdir()
+    for i in range(19):
+        _jpeg(folder / f"good{i:02d}.jpg", seed=i)
+    _lying_jpeg(folder / "lying_header.jpg")
+    _jpeg(folder / "icon.jpg", size=(8, 8))
+    _jpeg(folder / "banner.jpg", size=(10_240, 40))
+    _jpeg(folder / "line\nbreak.jpg")
+    with open(os.fsencode(folder) + b"/latin1_\xe9.jpg", "wb") as f:  # a name written by a Latin-1 system
+        f.write((folder / "good00.jpg").read_bytes())
+    return {"lying_header.jpg": "too large", "icon.jpg": "too small: 8x8", "banner.jpg": "too large: 10240x40",
+            "line\\nbreak.jpg": "holds a line break", "latin1_\\xe9.jpg": "not valid UTF-8"}
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_training_skips_by_name_every_file_check_data_rejects(tmp_path, kind):
+    """G1, T1, U2: a header that claims 20000x20000 px, an 8x8 icon, a 10240 px banner, a name with
+    a line break, a name that is not UTF-8. check-data rejects them; `fastemd train` on the same
+    folder skips the same files by name, before any decode, with either loader."""
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+    folder = tmp_path / "images"
+    rejects = _folder_with_rejects(folder)
+    check = subprocess.run([sys.executable, "-m", "fastemd.cli", "check-data", str(folder), "--manifest",
+                            str(tmp_path / "m.txt"), "--report", str(tmp_path / "bad.tsv"), "--workers", "1"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "Traceback" not in check.stderr, check.stderr
+    rows = dict(line.split("\t") for line in (tmp_path / "bad.tsv").read_text().splitlines()[1:])
+    assert {path.rsplit("/", 1)[1]: reason for path, reason in rows.items()}.keys() == rejects.keys()
+    for path, reason in rows.items():
+        assert rejects[path.rsplit("/", 1)[1]] in reason, (path, reason)
+    assert len((tmp_path / "m.txt").read_text().splitlines()) == 1 + 19  # header + the good ones
+
+    # 24 files, batch 8: every file is read in each epoch's 3 steps.
+    args = [sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", f"--data.sources={folder}",
+            f"--train.out_dir={tmp_path / 'run'}", *TINY, f"--data.loader={kind}", "--data.workers=1",
+            "--train.epochs=3", "--data.on_bad_file=skip"]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    skipped = [line for line in proc.stderr.splitlines() if line.startswith("skipped ")]
+    named = {line.split(": ", 1)[0].rsplit("/", 1)[1] for line in skipped}
+    assert named == rejects.keys(), proc.stderr
+    for line in skipped:
+        assert rejects[line.split(": ", 1)[0].rsplit("/", 1)[1]] in line, line
+    if kind == "dali":  # screened once a run: swapped out of the later epochs without a word
+        assert len(skipped) == len(rejects), proc.stderr
+    assert "skipped (named in the warnings above)" in proc.stdout + proc.stderr
+    stop = subprocess.run(args[:-1] + ["--data.on_bad_file=stop", f"--train.out_dir={tmp_path / 'stop'}"],
+                          capture_output=True, text=True)
+    assert stop.returncode == 1 and "Traceback" not in stop.stderr, stop.stderr
+    assert stop.stderr.startswith("fastemd: error: ") and "run `fastemd check-data`" in stop.stderr, stop.stderr
+
+
+def test_links_are_reported_under_their_own_names(tmp_path):
+    """U3: a link to a file outside the folder is listed (and reported) under the link's name; a
+    broken link and a link loop are reported, not dropped; a linked folder is followed once, even
+    when it links back to its parent."""
+    import os
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_text("not a picture\n")
+    _jpeg(outside / "photo.jpg")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _jpeg(folder / "own.jpg")
+    os.symlink(outside / "secret.jpg", folder / "to_secret.jpg")
+    os.symlink(outside / "photo.jpg", folder / "to_photo.jpg")
+    os.symlink(tmp_path / "nowhere.jpg", folder / "dangling.jpg")
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.symlink(outside, folder / "linked_folder")
+    os.symlink("..", folder / "linked_folder_loop")  # images/linked_folder_loop -> images/..
+
+    from fastemd.pipelines import resolve_sources
+
+    files = resolve_sources([str(folder)])
+    assert all(f.startswith(str(folder)) for f in files), files  # never under a link's target
+    names = [os.path.relpath(f, folder) for f in files]
+    assert {"own.jpg", "to_photo.jpg", "to_secret.jpg", "dangling.jpg", "loop.jpg",
+            "linked_folder/photo.jpg", "linked_folder/secret.jpg"} <= set(names), names
+    assert len(names) == len(set(os.path.realpath(f) for f in files)) + 2  # dangling, loop: no real file twice
+    proc = subprocess.run([sys.executable, "-m", "fastemd.cli", "check-data", str(folder), "--manifest",
+                           str(tmp_path / "m.txt"), "--report", str(tmp_path / "bad.tsv"), "--workers", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = dict(line.split("\t") for line in (tmp_path / "bad.tsv").read_text().splitlines()[1:])
+    reasons = {os.path.relpath(path, folder): reason for path, reason in rows.items()}
+    assert reasons["to_secret.jpg"] == "not an image" and reasons["linked_folder/secret.jpg"] == "not an image"
+    assert reasons["dangling.jpg"].startswith("broken link (to ") and "nowhere.jpg" in reasons["dangling.jpg"]
+    assert reasons["loop.jpg"].startswith("link loop")
+    assert str(outside) not in "".join(rows)  # reported under the links' names
+    assert str(folder / "to_photo.jpg") in (tmp_path / "m.txt").read_text()
+
+
+def _as_nobody():
+    """The command prefix that runs a process as user nobody (root passes every permission check,
+    so a read-only folder is tested as another user), or skip."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a command as another user")
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            "-c", "import fastemd"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("user nobody cannot run this Python")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_read_only_outputs_are_refused_before_any_work():
+    """T3, T4: a read-only out_dir or --manifest folder, as a user without root's override."""
+    import os
+    import shutil
+    import tempfile
+
+    nobody = _as_nobody()
+    folder = tempfile.mkdtemp(prefix="fastemd-readonly-")  # outside pytest's root-only tmp folders
+    try:
+        os.chmod(folder, 0o755)  # readable by everyone, writable by root only
+        env = dict(os.environ, HOME=folder, FASTEMD_CACHE=os.path.join(folder, "cache"))
+        train = subprocess.run([*nobody, sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo",
+                                f"--train.out_dir={folder}/run"], capture_output=True, text=True, env=env, cwd=folder)
+        assert train.returncode == 1 and "Traceback" not in train.stderr, train.stderr
+        assert train.stderr.count("\n") == 1 and f"{folder} is not writable" in train.stderr, train.stderr
+        check = subprocess.run([*nobody, sys.executable, "-m", "fastemd.cli", "check-data", folder,
+                                "--manifest", f"{folder}/m.txt", "--report", f"{folder}/sub/bad.tsv"],
+                               capture_output=True, text=True, env=env, cwd=folder)
+        assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr
+        assert check.stderr.count("\n") == 1 and f"--manifest {folder}/m.txt: not writable" in check.stderr
+        assert os.listdir(folder) == []
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_bare_train_without_data_leaves_the_folder_as_it_was(tmp_path):
+    """U5: `fastemd train` (the coco preset, no COCO here) fails in one line and leaves no runs/."""
+    proc = subprocess.run([sys.executable, "-m", "fastemd.cli", "train"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "instances_train2017.json: no such file or folder" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
