@@ -123,8 +123,13 @@ def load_weights_only(path: str | Path):
         raise CheckpointError(f"{type(e).__name__}: {first}" if first else type(e).__name__) from None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load one checkpoint with `weights_only=True`; any problem is a CheckpointError naming it."""
+TRAINING_KEYS = ("model", "optimizer", "step", "config")
+
+
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = TRAINING_KEYS,
+                    what: str = "fastemd training checkpoint") -> dict:
+    """Load one checkpoint with `weights_only=True`; any problem (no file, unreadable, a key of
+    `required` missing) is a CheckpointError naming it. `fastemd eval detect` passes its own keys."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -132,17 +137,18 @@ def load_checkpoint(path: str | Path) -> dict:
         state = load_weights_only(path)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: cannot be read as a fastemd checkpoint ({e})") from None
-    missing = [k for k in ("model", "optimizer", "step", "config") if not isinstance(state, dict) or k not in state]
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(f"{path}: not a fastemd training checkpoint (missing {', '.join(missing)})")
+        raise CheckpointError(f"{path}: not a {what} (missing {', '.join(missing)})")
     return state
 
 
-def load_latest(out_dir: str | Path) -> tuple[dict, Path] | None:
+def load_latest(out_dir: str | Path, required: tuple[str, ...] = TRAINING_KEYS,
+                what: str = "fastemd training checkpoint") -> tuple[dict, Path] | None:
     """The newest checkpoint under out_dir that loads, skipping (with a warning) bad ones."""
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            return load_checkpoint(path), path
+            return load_checkpoint(path, required, what), path
         except CheckpointError as e:
             warnings.warn(f"skipping unusable checkpoint: {e}; trying the previous one", stacklevel=2)
     return None

@@ -5,6 +5,7 @@
     fastemd check-data SOURCE [SOURCE ...] --out DIR
     fastemd export CHECKPOINT --format torchvision|detectron2 --output PATH
     fastemd eval probe BACKBONE --data ANNOTATIONS.json|demo
+    fastemd eval detect BACKBONE|random --train TRAIN.json|demo --val VAL.json|demo [--schedule tiny|1x]
     fastemd make-demo-data DIR
 
 `tools/*.py` call the same functions, so `torchrun --nproc_per_node=8 tools/train.py ...` takes
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delegated(sub, "check-data", "fastemd.pipelines.check",
                    "check every image of the sources; write a manifest of good files and a report of bad ones")
     _add_delegated(sub, "export", "fastemd.export", "export a pretrained backbone for torchvision or detectron2")
-    evaluate = sub.add_parser("eval", help="evaluate a pretrained backbone: probe, table",
+    evaluate = sub.add_parser("eval", help="evaluate a pretrained backbone: probe, table, detect",
                               description="Evaluate a pretrained backbone against a random init of the same shape.")
     esub = evaluate.add_subparsers(dest="what", metavar="WHAT", required=True)
     _add_delegated(esub, "probe", "fastemd.eval.probe",
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delegated(esub, "table", "fastemd.eval.table",
                    "the learning table of BENCHMARKS.md: demo runs (Self-EMD, dense only, BYOL) and a supervised "
                    "control, probed, over several seeds")
+    _add_delegated(esub, "detect", "fastemd.eval.detect",
+                   "fine-tune Faster R-CNN with FPN on the backbone (every stage and BN trained) and report COCO "
+                   "box AP; needs torchvision (fastemd[eval])")
     return parser
 
 

@@ -7,8 +7,10 @@
   are `fc.weight` and `fc.bias` (every backbone key matches).
 - detectron2: a pickle `{"model": {name: numpy array}, "__author__": "fastemd",
   "matching_heuristics": True}` with detectron2's names (stem.conv1, stem.conv1.norm,
-  res2..res5, convK.norm, shortcut, shortcut.norm), without `num_batches_tracked`. Fine-tune with
-  RGB input, torchvision's pixel mean/std and STRIDE_IN_1X1: False (printed by the command).
+  res2..res5, convK.norm, shortcut, shortcut.norm), without `num_batches_tracked`. The command
+  prints the detectron2 config of the fine-tune: RGB input, torchvision's pixel mean/std,
+  STRIDE_IN_1X1: False, the widths read off the tensors, and the SSL recipe (FREEZE_AT 0, SyncBN
+  backbone, FPN and 4conv1fc box head, precise BN, COCO 1x).
 
 The online backbone is the default (what BYOL evaluates); `--network target` takes the EMA one.
 """
@@ -27,21 +29,51 @@ import torch
 from fastemd.checkpoint import CheckpointError, load_checkpoint
 
 DETECTRON2_CONFIG = """\
+# Faster R-CNN R{depth}-FPN, COCO 1x, for a self-supervised backbone (written by fastemd export).
+# detectron2's configs/COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml (the schedule and data) with the
+# changes DenseCL's and PixPro's COCO fine-tunes make for SSL backbones: no frozen stage, SyncBN in
+# the backbone, the FPN and a 4conv1fc box head, precise BN before testing. Faster R-CNN, as the
+# Self-EMD paper evaluates (DenseCL's and PixPro's COCO tables are Mask R-CNN's: MASK_ON True and
+# ROI_MASK_HEAD.NORM "SyncBN" for theirs, about 1 box AP higher). Save it in detectron2's configs/
+# folder (beside Base-RCNN-FPN.yaml) and run
+#   tools/train_net.py --config-file configs/THIS.yaml --num-gpus 8
+_BASE_: "Base-RCNN-FPN.yaml"
 MODEL:
   WEIGHTS: "{weights}"
+  MASK_ON: False
   PIXEL_MEAN: [123.675, 116.280, 103.530]   # torchvision's mean, RGB, 0-255
   PIXEL_STD: [58.395, 57.120, 57.375]       # torchvision's std
+  BACKBONE:
+    FREEZE_AT: 0                             # detectron2's default (2) freezes the stem and res2
   RESNETS:
     DEPTH: {depth}
     STRIDE_IN_1X1: False                     # torchvision's ResNet puts the stride in the 3x3
     STEM_OUT_CHANNELS: {stem}
     RES2_OUT_CHANNELS: {res2}
-    WIDTH_PER_GROUP: {width}                 # res2's 3x3 width (NUM_GROUPS 1)
+    WIDTH_PER_GROUP: {width}  # res2's 3x3 width (NUM_GROUPS 1)
     NORM: "SyncBN"                           # fine-tune the BN statistics, as for any SSL backbone
   FPN:
     NORM: "SyncBN"
+  ROI_BOX_HEAD:
+    NAME: "FastRCNNConvFCHead"
+    NUM_CONV: 4
+    NUM_FC: 1
+    NORM: "SyncBN"
 INPUT:
-  FORMAT: "RGB"\
+  FORMAT: "RGB"
+  MIN_SIZE_TRAIN: (640, 672, 704, 736, 768, 800)
+  MIN_SIZE_TEST: 800
+DATASETS:
+  TRAIN: ("coco_2017_train",)
+  TEST: ("coco_2017_val",)
+SOLVER:
+  IMS_PER_BATCH: 16
+  BASE_LR: 0.02
+  STEPS: (60000, 80000)
+  MAX_ITER: 90000
+TEST:
+  PRECISE_BN:
+    ENABLED: True\
 """
 
 _DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
@@ -155,8 +187,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {info['tensors']} tensors of the {info['network']} {info['arch']} backbone "
           f"(step {info['step']}) to {info['output']} ({info['format']})")
     if args.format == "detectron2":
-        print("detectron2 config lines for the fine-tune:")
-        print(DETECTRON2_CONFIG.format(weights=info["output"], depth=_DEPTH.get(info["arch"], 50),
+        if info["arch"] in ("resnet18", "resnet34") and info["res2"] != 64:
+            print(f"note: detectron2 builds {info['arch']} only with res2 at 64 channels; this one has "
+                  f"{info['res2']} (model.width {info['stem']}): it has no detectron2 twin. "
+                  "`fastemd eval detect` fine-tunes any width.")
+        print("detectron2 config for the COCO 1x fine-tune (the YAML below, to the end):")
+        # an absolute WEIGHTS path: detectron2's train_net.py runs from its own checkout
+        print(DETECTRON2_CONFIG.format(weights=Path(info["output"]).resolve(), depth=_DEPTH.get(info["arch"], 50),
                                        stem=info["stem"], res2=info["res2"], width=info["width"]))
     elif info["stem"] == 64:
         print(f"torchvision: m = torchvision.models.{info['arch']}(); "

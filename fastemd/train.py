@@ -202,8 +202,8 @@ class RunLock:
 
     NAME = ".fastemd.lock"
 
-    def __init__(self, out_dir: Path):
-        self.out_dir, self.file, self.made = out_dir, None, []
+    def __init__(self, out_dir: Path, option: str = "--train.out_dir"):
+        self.out_dir, self.option, self.file, self.made = out_dir, option, None, []
 
     def acquire(self) -> None:
         import fcntl
@@ -224,7 +224,7 @@ class RunLock:
             self.file.close()
             self.file = None
             raise TrainingError(f"{self.out_dir} is in use by another fastemd run ({holder}); wait for it to end, "
-                                "or choose another --train.out_dir") from None
+                                f"or choose another {self.option}") from None
         except OSError as e:  # e.g. a network filesystem without flock
             print(f"fastemd: warning: cannot lock {path} ({e.strerror or e}); two runs into {self.out_dir} at once "
                   "would mix their files", file=sys.stderr)

@@ -211,7 +211,7 @@ def _collate(samples):
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int) -> None:
     """SLURM, scancel and Ctrl-C signal the whole process group: the workers leave SIGTERM and
     SIGINT to the trainer, which finishes its step and checkpoints, then shuts them down.
     The workers are forked with both signals blocked (`epoch`), so none lands before this."""
@@ -234,6 +234,28 @@ def _kill_leftover_workers() -> None:
         for worker in getattr(batch_iter, "_workers", []):
             if worker.is_alive():
                 worker.kill()
+
+
+def start_workers(loader: torch.utils.data.DataLoader):
+    """iter(loader) for a DataLoader built with worker_init_fn=ignore_stop_signals: its workers
+    leave SIGTERM and SIGINT to the main process (which finishes its step and checkpoints), and
+    are shut down at interpreter exit even when the main process stops on an error.
+
+    Workers start (fork) with the stop signals blocked: torch's worker start-up installs a
+    SIGTERM handler that dies on a signal from anyone but the parent, before our worker_init_fn
+    can ignore it. The main process gets a signal sent meanwhile on unblocking."""
+    global _REAPER
+    if not loader.num_workers:
+        return iter(loader)
+    if not _REAPER:  # registered after multiprocessing's: runs before it
+        _REAPER = bool(atexit.register(_kill_leftover_workers))
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        batch_iter = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _LIVE_ITERATORS.add(batch_iter)
+    return batch_iter
 
 
 class TorchTwoViewLoader:
@@ -266,9 +288,6 @@ class TorchTwoViewLoader:
         pass  # see state_dict; a DALI state (data.loader changed) has nothing this loader can use
 
     def epoch(self, epoch: int, start_step: int = 0):
-        global _REAPER
-        if self.workers and not _REAPER:  # registered after multiprocessing's: runs before it
-            _REAPER = bool(atexit.register(_kill_leftover_workers))
         shard = self.shard(epoch)
         batches = [
             [(int(index), epoch, step, slot) for slot, index in enumerate(shard[step])]
@@ -277,19 +296,9 @@ class TorchTwoViewLoader:
         loader = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=ignore_stop_signals,
         )
-        # Workers start (fork) with the stop signals blocked: torch's worker start-up installs a
-        # SIGTERM handler that dies on a signal from anyone but the parent, before our
-        # worker_init_fn can ignore it. The trainer gets a signal sent meanwhile on unblocking.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if self.workers else None
-        try:
-            batch_iter = iter(loader)
-        finally:
-            if blocked is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        if self.workers:
-            _LIVE_ITERATORS.add(batch_iter)
+        batch_iter = start_workers(loader)
         for step, (v1, v2, failures) in enumerate(batch_iter, start=start_step):
             for path, reason in failures:
                 if self.on_bad_file == "stop":

@@ -1,5 +1,6 @@
 """Export to torchvision and detectron2: names, shapes, every tensor round-trips, both networks."""
 
+import ast
 import pickle
 import re
 
@@ -107,6 +108,7 @@ def test_cli_prints_detectron2_config(tmp_path, capsys):
     assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18.pkl")]) == 0
     out = capsys.readouterr().out
     # widths read off the tensors: detectron2 drops tensors of the wrong shape with a mere warning
+    assert "detectron2 builds resnet18 only with res2 at 64 channels; this one has 8" in out
     for line in ('FORMAT: "RGB"', "STRIDE_IN_1X1: False", "PIXEL_MEAN: [123.675, 116.280, 103.530]",
                  "PIXEL_STD: [58.395, 57.120, 57.375]", "DEPTH: 18", "STEM_OUT_CHANNELS: 8",
                  "RES2_OUT_CHANNELS: 8", "WIDTH_PER_GROUP: 8"):
@@ -115,6 +117,36 @@ def test_cli_prints_detectron2_config(tmp_path, capsys):
     assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "r18.pth")]) == 0
     out = capsys.readouterr().out
     assert "has width 8, torchvision's have 64" in out and "fastemd.model.resnet('resnet18', width=8)" in out
+
+
+def test_detectron2_recipe_is_the_ssl_fine_tune_and_parses(tmp_path, capsys):
+    """The printed YAML, read as detectron2 would read it: nothing frozen, SyncBN in the backbone,
+    FPN and a 4conv1fc box head, precise BN, RGB with torchvision's pixel statistics, COCO 1x."""
+    yaml = pytest.importorskip("yaml")
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet50", "model.width=64")
+    weights = tmp_path / "r50.pkl"
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(weights)]) == 0
+    out = capsys.readouterr().out
+    header = "detectron2 config for the COCO 1x fine-tune (the YAML below, to the end):\n"
+    assert header in out
+    cfg = yaml.safe_load(out.split(header, 1)[1])
+    model = cfg["MODEL"]
+    assert cfg["_BASE_"] == "Base-RCNN-FPN.yaml" and model["WEIGHTS"] == str(weights.resolve())
+    assert model["MASK_ON"] is False
+    assert model["BACKBONE"]["FREEZE_AT"] == 0
+    assert model["RESNETS"] == {"DEPTH": 50, "STRIDE_IN_1X1": False, "STEM_OUT_CHANNELS": 64,
+                                "RES2_OUT_CHANNELS": 256, "WIDTH_PER_GROUP": 64, "NORM": "SyncBN"}
+    assert model["FPN"]["NORM"] == "SyncBN"
+    assert model["ROI_BOX_HEAD"] == {"NAME": "FastRCNNConvFCHead", "NUM_CONV": 4, "NUM_FC": 1, "NORM": "SyncBN"}
+    assert cfg["TEST"]["PRECISE_BN"]["ENABLED"] is True
+    assert cfg["INPUT"]["FORMAT"] == "RGB"
+    np.testing.assert_allclose(model["PIXEL_MEAN"], [v * 255 for v in (0.485, 0.456, 0.406)], atol=1e-3)
+    np.testing.assert_allclose(model["PIXEL_STD"], [v * 255 for v in (0.229, 0.224, 0.225)], atol=1e-3)
+    solver = cfg["SOLVER"]  # detectron2 reads "(60000, 80000)" with literal_eval
+    assert (solver["IMS_PER_BATCH"], solver["BASE_LR"], solver["MAX_ITER"]) == (16, 0.02, 90000)
+    assert ast.literal_eval(solver["STEPS"]) == (60000, 80000)
+    assert ast.literal_eval(cfg["INPUT"]["MIN_SIZE_TRAIN"]) == (640, 672, 704, 736, 768, 800)
+    assert ast.literal_eval(cfg["DATASETS"]["TRAIN"]) == ("coco_2017_train",)
 
 
 def test_cli_names_the_torchvision_constructor_and_resnet50_widths(tmp_path, capsys):

@@ -1,0 +1,351 @@
+"""`fastemd eval detect`: Faster R-CNN fine-tune and COCO box AP (issue 12).
+
+The parts that need no torchvision (schedule, data order, precise BN, COCOeval, the input checks)
+run in every environment; the fine-tune itself needs torchvision, which needs the CUDA build of
+torch beside it (README, "Detection"): those tests run in the eval environment CI makes, and are
+skipped elsewhere with the reason.
+"""
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastemd.cli import main
+from fastemd.demo_data import make_demo_data
+from fastemd.eval import detect
+from fastemd.eval.detect import SCHEDULES, DetectError, TrainBatches, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torchvision_works() -> bool:
+    try:
+        detect._import_torchvision()
+        return True
+    except DetectError:
+        return False
+
+
+needs_torchvision = pytest.mark.skipif(not _torchvision_works(), reason="needs torchvision that works with this torch "
+                                       "(the eval environment: README, 'Detection')")
+
+# A fine-tune small enough for the test suite: 6 iterations of 2 images, checkpoints every 3.
+QUICK = ["--iterations", "6", "--batch-size", "2", "--workers", "0", "--ckpt-every", "3", "--dashboard", "plain"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A 12-image train split and a 6-image val split of the demo scenes, in COCO's layout."""
+    root = tmp_path_factory.mktemp("demo")
+    return (str(make_demo_data(root, num_images=12, seed=0)),
+            str(make_demo_data(root, num_images=6, seed=1, split="val2017")))
+
+
+def _fastemd(*args, timeout=600, env=None, cwd=None):
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "fastemd.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def _one_line_error(proc, *fragments):
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+# No torchvision needed -------------------------------------------------------------------------
+
+
+def test_lr_schedule_is_detectron2s_warmup_multistep():
+    """Hand-computed: warm-up from 0.001x linearly over 1000 iterations, x0.1 at 60k and 80k."""
+    one = SCHEDULES["1x"]
+    assert lr_at(one, 0, 0.02) == pytest.approx(0.02 * 0.001)
+    assert lr_at(one, 500, 0.02) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
+    assert lr_at(one, 1000, 0.02) == pytest.approx(0.02)
+    assert lr_at(one, 59_999, 0.02) == pytest.approx(0.02)
+    assert lr_at(one, 60_000, 0.02) == pytest.approx(0.002)
+    assert lr_at(one, 80_000, 0.02) == pytest.approx(0.0002)
+    assert (one.iterations, one.batch, one.steps) == (90_000, 16, (60_000, 80_000))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_train_batches_cover_every_image_once_per_pass_and_resume_exactly(world):
+    n, batch = 10, 4
+    per_rank = [list(TrainBatches(n, batch, r, world, seed=3, start=0, end=5)) for r in range(world)]
+    # iteration i, all ranks together: global positions [4i, 4i + 4) of the passes' permutations
+    flat = [key[0] for i in range(5) for r in range(world) for key in per_rank[r][i]]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert all(len(b) == batch // world for rank in per_rank for b in rank)
+    resumed = list(TrainBatches(n, batch, world - 1, world, seed=3, start=2, end=5))
+    assert resumed == per_rank[world - 1][2:]  # flips too
+    flips = [key[1] for rank in per_rank for b in rank for key in b]
+    assert 0 < sum(flips) < len(flips)
+
+
+def test_precise_bn_is_the_plain_average_over_batches():
+    """Hand-computed: the running mean after precise BN is the mean of the batches' means, the
+    running var the mean of their unbiased variances, whatever the momentum was."""
+    bn = nn.BatchNorm2d(3, momentum=0.1)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, images, targets):
+            return self.bn(torch.stack(images))
+
+    batches = [[list(torch.randn(4, 3, 5, 5) * (k + 1) + k), [{"boxes": torch.zeros(0, 4),
+               "labels": torch.zeros(0, dtype=torch.long)}] * 4] for k in range(3)]
+    detect.precise_bn(Model(), [(b[0], b[1]) for b in batches], torch.device("cpu"), count=3)
+    stacked = [torch.stack(b[0]) for b in batches]
+    mean = torch.stack([x.mean((0, 2, 3)) for x in stacked]).mean(0)
+    var = torch.stack([x.transpose(0, 1).reshape(3, -1).var(1) for x in stacked]).mean(0)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5) and torch.allclose(bn.running_var, var, atol=1e-4)
+    assert bn.momentum == 0.1
+
+
+def test_coco_ap_of_the_ground_truth_is_100_and_of_nothing_0(demo):
+    val = detect.load_detection_set(demo[1], "val")
+    truth = json.loads(Path(demo[1]).read_text())
+    perfect = [{"image_id": a["image_id"], "bbox": a["bbox"], "score": 1.0, "category_id": a["category_id"]}
+               for a in truth["annotations"]]
+    ap = detect.coco_ap(val, perfect)
+    assert ap["AP"] == pytest.approx(100.0) and ap["AP50"] == pytest.approx(100.0)
+    shifted = [{**r, "bbox": [r["bbox"][0] + r["bbox"][2], *r["bbox"][1:]]} for r in perfect]  # no overlap
+    assert detect.coco_ap(val, shifted)["AP"] == pytest.approx(0.0)
+    assert detect.coco_ap(val, []) == {name: 0.0 for name in detect.AP_NAMES}
+
+
+def test_predictions_carry_the_jsons_category_ids_and_boxes_in_xywh(tmp_path):
+    """Category ids 5, 9, 42 (not 1..K): label k of the detector is the k-th category by id; boxes
+    go to COCOeval as [x, y, w, h]. A stand-in detector (no torchvision needed) gives one box."""
+    from PIL import Image
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    Image.new("RGB", (64, 48), (120, 30, 30)).save(tmp_path / "val2017" / "a.jpg")
+    coco = {"images": [{"id": 7, "file_name": "a.jpg", "width": 64, "height": 48}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 9, "bbox": [10, 5, 20, 30]}],  # no area
+            "categories": [{"id": 42, "name": "c"}, {"id": 5, "name": "a"}, {"id": 9, "name": "b"}]}
+    path = tmp_path / "annotations" / "instances_val2017.json"
+    path.write_text(json.dumps(coco))
+    data = detect.load_detection_set(path, "val")
+    assert [c["id"] for c in data.categories] == [5, 9, 42] and data.labels[7].tolist() == [2]
+
+    class StandIn(nn.Module):
+        def forward(self, images):
+            assert images[0].shape == (3, 48, 64) and float(images[0].max()) <= 1.0
+            return [{"boxes": torch.tensor([[10.0, 5.0, 30.0, 35.0]]), "scores": torch.tensor([0.9]),
+                     "labels": torch.tensor([2])}]
+
+    results = detect.predict(StandIn(), data, torch.device("cpu"), batch=1, rank=0, world=1, workers=0, amp=False)
+    assert results == [{"image_id": 7, "bbox": [10.0, 5.0, 20.0, 30.0], "score": 0.9, "category_id": 9}]
+    ap = detect.coco_ap(data, results)  # COCOeval on the loaded json: "area" filled in
+    assert ap["AP"] == pytest.approx(100.0) and ap["APs"] == pytest.approx(100.0)  # 20 x 30: small
+    assert ap["APm"] is None and ap["APl"] is None  # no medium or large object: COCOeval -1, not 0
+
+
+def test_loaded_boxes_are_corners_and_labels_contiguous(demo):
+    train = detect.load_detection_set(demo[0], "train")
+    truth = json.loads(Path(demo[0]).read_text())
+    first = truth["annotations"][0]
+    x, y, w, h = first["bbox"]
+    rows = train.boxes[first["image_id"]]
+    assert [x, y, x + w, y + h] in rows.tolist()
+    assert set(np.concatenate(list(train.labels.values()))) <= {1, 2, 3}
+    assert [c["id"] for c in train.categories] == sorted(c["id"] for c in truth["categories"])
+
+
+@pytest.mark.skipif(_torchvision_works(), reason="this environment has a working torchvision")
+def test_without_torchvision_it_says_what_to_install(demo):
+    proc = _fastemd("eval", "detect", "random", "--train", demo[0], "--val", demo[1])
+    _one_line_error(proc, "pip install 'fastemd[eval]'")
+
+
+# The fine-tune (torchvision) --------------------------------------------------------------------
+
+
+@needs_torchvision
+def test_fine_tune_end_to_end_on_the_demo_data(demo, tmp_path):
+    """A real fine-tune (random init of the demo's network: the default suite has no pretrained
+    file to spare): metrics, checkpoints, COCOeval figures in detect.json and the table."""
+    out = tmp_path / "run"
+    proc = _fastemd("eval", "detect", "random", "--arch", "resnet18", "--width", "8", "--train", demo[0],
+                    "--val", demo[1], "--out", str(out), *QUICK)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "detect.json").read_text())
+    assert report["iterations"] == 6 and report["batch"] == 2 and report["arch"] == "resnet18"
+    for name in detect.AP_NAMES:
+        assert 0.0 <= report[name] <= 100.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [6]  # tiny logs every 10, and at the end
+    assert all(np.isfinite(rows[0][k]) for k in ("loss", "loss_classifier", "loss_box_reg", "loss_objectness"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003.pt", "step_00000006.pt"]
+    assert "box AP, tiny schedule (6 iterations)" in proc.stdout and "random init (resnet18, width 8" in proc.stdout
+
+
+@needs_torchvision
+def test_every_backbone_parameter_and_bn_trains(demo):
+    """Nothing frozen (detectron2's FREEZE_AT 0): the stem and res2 move, and BN is plain, trained BN."""
+    from fastemd.eval.probe import random_backbone
+
+    train = detect.load_detection_set(demo[0], "train")
+    backbone = random_backbone("resnet18", 8, seed=0)
+    model = detect.build_detector(backbone, len(train.categories), SCHEDULES["tiny"])
+    assert all(p.requires_grad for p in model.parameters())
+    norms = [m for m in model.modules() if type(m).__name__.endswith(("Norm", "Norm2d"))]
+    assert len(norms) > 20 and all(type(m) is nn.BatchNorm2d for m in norms)  # not torchvision's FrozenBatchNorm2d
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.roi_heads.box_head.modules()) == 4  # 4conv1fc, BN
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.fpn.modules()) == 8  # FPN lateral + output
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    dataset = detect._Images(train, [r["id"] for r in train.images if r["id"] in train.boxes])
+    images, targets = detect._collate([dataset[(0, False)], dataset[(1, True)]])
+    images, targets = detect._to_device(images, targets, torch.device("cpu"))
+    optimizer = torch.optim.SGD(detect._param_groups(model, 1e-4), lr=0.01, momentum=0.9)
+    model.train()
+    sum(model(images, targets).values()).backward()
+    optimizer.step()
+    after = backbone.state_dict()
+    for key in ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "bn1.running_mean"):
+        assert not torch.equal(before[key], after[key]), key
+
+
+@needs_torchvision
+def test_resume_auto_continues_exactly(demo, tmp_path):
+    """A run interrupted after its checkpoint at iteration 3 and resumed with --resume auto ends with
+    the weights of an uninterrupted run (data order, flips, sampling: all from the checkpoint)."""
+    args = ["eval", "detect", "random", "--arch", "resnet18", "--width", "8", "--train", demo[0],
+            "--val", demo[1], *QUICK]
+    straight = _fastemd(*args, "--out", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cut = tmp_path / "b"
+    first = _fastemd(*args, "--out", str(cut))
+    assert first.returncode == 0, first.stderr[-3000:]
+    (cut / "checkpoints" / "step_00000006.pt").unlink()  # as if killed between iterations 3 and 6
+    (cut / "detect.json").unlink()
+    resumed = _fastemd(*args, "--out", str(cut), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at iteration 3" in resumed.stdout
+    a = torch.load(tmp_path / "a" / "checkpoints" / "step_00000006.pt", weights_only=True)["model"]
+    b = torch.load(cut / "checkpoints" / "step_00000006.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((cut / "detect.json").read_text())["AP"] == json.loads((tmp_path / "a" / "detect.json").read_text())["AP"]
+    again = _fastemd(*args, "--out", str(cut))  # without --resume: refused, nothing touched
+    _one_line_error(again, "holds checkpoints of an earlier fine-tune", "--resume auto")
+
+
+@needs_torchvision
+def test_bad_input_is_one_line(demo, tmp_path):
+    unlabelled = tmp_path / "annotations" / "image_info_val2017.json"
+    unlabelled.parent.mkdir()
+    (tmp_path / "val2017").mkdir()
+    data = json.loads(Path(demo[1]).read_text())
+    unlabelled.write_text(json.dumps({k: v for k, v in data.items() if k != "annotations"}))
+    common = ["--out", str(tmp_path / "run"), *QUICK]
+    _one_line_error(_fastemd("eval", "detect", "random", "--train", demo[0], "--val", str(unlabelled), *common),
+                    str(unlabelled), "no annotations")
+    other = tmp_path / "annotations" / "instances_val2017.json"
+    renamed = dict(data, categories=[{**c, "name": c["name"] + "_x"} if c["id"] == 2 else c for c in data["categories"]])
+    other.write_text(json.dumps(renamed))
+    val_images = str(Path(demo[1]).parents[1] / "val2017")
+    _one_line_error(_fastemd("eval", "detect", "random", "--train", demo[0], "--val", f"{other}::{val_images}",
+                             *common), "categories of --train", "differ", "rectangle_x")
+    _one_line_error(_fastemd("eval", "detect", "random", "--train", demo[0], "--val", str(other), *common),
+                    "6 of its 6 images are not in", "ANN.json::IMAGE_DIR")
+    not_resnet = tmp_path / "weights.pth"
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, not_resnet)
+    _one_line_error(_fastemd("eval", "detect", str(not_resnet), "--train", demo[0], "--val", demo[1], *common),
+                    str(not_resnet), "not a ResNet backbone state dict")
+    _one_line_error(_fastemd("eval", "detect", str(tmp_path / "missing.pth"), "--train", demo[0], "--val", demo[1],
+                             *common), "missing.pth: no such file")
+    assert not (tmp_path / "run").exists()
+    # --out holding a pretraining run's checkpoints: refused, never pruned
+    pretrain = tmp_path / "pretrain" / "checkpoints"
+    pretrain.mkdir(parents=True)
+    torch.save({"model": {}, "optimizer": {}, "step": 1000, "config": {}}, pretrain / "step_00001000.pt")
+    _one_line_error(_fastemd("eval", "detect", "random", "--train", demo[0], "--val", demo[1], "--out",
+                             str(tmp_path / "pretrain"), "--resume", "auto", *QUICK),
+                    "not a checkpoint of `fastemd eval detect`")
+    assert [p.name for p in pretrain.iterdir()] == ["step_00001000.pt"]
+    # an image that is not one, met by a loader worker process: the file named, in one line
+    broken = tmp_path / "broken"
+    (broken / "annotations").mkdir(parents=True)
+    (broken / "train2017").mkdir()
+    train = json.loads(Path(demo[0]).read_text())
+    for record in train["images"]:
+        (broken / "train2017" / record["file_name"]).write_text("not a picture")
+    (broken / "annotations" / "instances_train2017.json").write_text(json.dumps(train))
+    proc = _fastemd("eval", "detect", "random", "--arch", "resnet18", "--width", "8", "--train",
+                    str(broken / "annotations" / "instances_train2017.json"), "--val", demo[1],
+                    "--out", str(tmp_path / "run2"), *QUICK[:4], "--workers", "1")
+    _one_line_error(proc, str(broken / "train2017"), "not an image", "fastemd check-data")
+
+
+@needs_torchvision
+def test_sigterm_to_the_group_checkpoints_and_resume_continues(demo, tmp_path):
+    """scancel, torchrun or Ctrl-C signal the whole process group, loader workers included: the
+    fine-tune stops at the end of an iteration with a checkpoint of it (exit 143), the kind
+    --resume auto continues exactly (test_resume_auto_continues_exactly)."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fastemd.cli", "eval", "detect", "random", "--arch", "resnet18", "--width", "8",
+            "--train", demo[0], "--val", demo[1], "--out", str(out), "--iterations", "400", "--batch-size", "2",
+            "--workers", "1", "--dashboard", "plain"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped by signal 15 at iteration" in stdout
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(saved) == 1 and int(saved[0][5:13]) >= 10
+    state = torch.load(out / "checkpoints" / saved[0], weights_only=True)
+    assert state["kind"] == "detect" and state["iteration"] == int(saved[0][5:13]) and len(state["rng"]) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_torchvision
+def test_readme_torchrun_line_on_two_ranks(demo, tmp_path):
+    """README's 8-GPU detection line, as written but for 2 gloo ranks and the small data."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    line = next(line.strip() for line in text.splitlines()
+                if line.strip().startswith("torchrun --nproc_per_node=8 tools/evaluate.py detect"))
+    argv = shlex.split(line)
+    assert argv[:4] == ["torchrun", "--nproc_per_node=8", "tools/evaluate.py", "detect"], argv
+    argv[1] = "--nproc_per_node=2"
+    argv[4:5] = ["random", "--arch", "resnet18", "--width", "8"]  # the README's backbone file is the user's
+    for flag, value in (("--train", demo[0]), ("--val", demo[1]), ("--out", str(tmp_path / "run"))):
+        argv[argv.index(flag) + 1] = value
+    argv[argv.index("--schedule") + 1] = "tiny"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PET_MASTER_PORT=str(_free_port()))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run([*argv, *QUICK[:2], "--batch-size", "4", *QUICK[4:]], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("box AP, tiny schedule") == 1  # rank 0 alone reports
+    report = json.loads((tmp_path / "run" / "detect.json").read_text())
+    assert report["batch"] == 4 and report["detections"] >= 0
