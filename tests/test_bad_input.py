@@ -315,7 +315,7 @@ def test_training_skips_by_name_every_file_check_data_rejects(tmp_path, kind):
     rejects = _folder_with_rejects(folder)
     check = subprocess.run([sys.executable, "-m", "fastemd.cli", "check-data", str(folder), "--manifest",
                             str(tmp_path / "m.txt"), "--report", str(tmp_path / "bad.tsv"), "--workers", "1"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, cwd=tmp_path)  # not the checkout: the installed fastemd
     assert check.returncode == 0 and "Traceback" not in check.stderr, check.stderr
     rows = dict(line.split("\t") for line in (tmp_path / "bad.tsv").read_text().splitlines()[1:])
     assert {path.rsplit("/", 1)[1]: reason for path, reason in rows.items()}.keys() == rejects.keys()
@@ -327,7 +327,7 @@ def test_training_skips_by_name_every_file_check_data_rejects(tmp_path, kind):
     args = [sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", f"--data.sources={folder}",
             f"--train.out_dir={tmp_path / 'run'}", *TINY, f"--data.loader={kind}", "--data.workers=1",
             "--train.epochs=3", "--data.on_bad_file=skip"]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     skipped = [line for line in proc.stderr.splitlines() if line.startswith("skipped ")]
     named = {line.split(": ", 1)[0].rsplit("/", 1)[1] for line in skipped}
@@ -338,7 +338,7 @@ def test_training_skips_by_name_every_file_check_data_rejects(tmp_path, kind):
         assert len(skipped) == len(rejects), proc.stderr
     assert "skipped (named in the warnings above)" in proc.stdout + proc.stderr
     stop = subprocess.run(args[:-1] + ["--data.on_bad_file=stop", f"--train.out_dir={tmp_path / 'stop'}"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tmp_path)
     assert stop.returncode == 1 and "Traceback" not in stop.stderr, stop.stderr
     assert stop.stderr.startswith("fastemd: error: ") and "run `fastemd check-data`" in stop.stderr, stop.stderr
 
@@ -373,7 +373,7 @@ def test_links_are_reported_under_their_own_names(tmp_path):
     assert len(names) == len(set(os.path.realpath(f) for f in files)) + 2  # dangling, loop: no real file twice
     proc = subprocess.run([sys.executable, "-m", "fastemd.cli", "check-data", str(folder), "--manifest",
                            str(tmp_path / "m.txt"), "--report", str(tmp_path / "bad.tsv"), "--workers", "1"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     rows = dict(line.split("\t") for line in (tmp_path / "bad.tsv").read_text().splitlines()[1:])
     reasons = {os.path.relpath(path, folder): reason for path, reason in rows.items()}
@@ -393,9 +393,9 @@ def _as_nobody():
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run a command as another user")
     probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                            "-c", "import fastemd"], capture_output=True)
+                            "-c", "import fastemd.cli"], capture_output=True, cwd="/")  # the installed fastemd
     if probe.returncode != 0:
-        pytest.skip("user nobody cannot run this Python")
+        pytest.skip("user nobody cannot import this environment's fastemd (a venv under a root-only folder)")
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,10 +53,11 @@ def demo(tmp_path_factory):
             str(make_demo_data(root, num_images=6, seed=1, split="val2017")))
 
 
-def _fastemd(*args, timeout=600, env=None, cwd=None):
-    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+def _fastemd(*args, timeout=600):
+    """`python -m fastemd.cli ARGS` from a neutral folder: from the checkout, Python would import
+    the source folder instead of the installed package."""
     return subprocess.run([sys.executable, "-m", "fastemd.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tempfile.gettempdir())
 
 
 def _one_line_error(proc, *fragments):
@@ -306,7 +308,7 @@ def test_sigterm_to_the_group_checkpoints_and_resume_continues(demo, tmp_path):
             "--train", demo[0], "--val", demo[1], "--out", str(out), "--iterations", "400", "--batch-size", "2",
             "--workers", "1", "--dashboard", "plain"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
