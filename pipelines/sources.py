@@ -2,7 +2,7 @@
 
 A source is one of:
 - a COCO json (``instances_train2017.json``, ``image_info_unlabeled2017.json``, ...): only the
-  ``images`` list is read (through pycocotools); annotations may be absent. The image folder is
+  ``images`` list is read (plain json; annotations may be absent). The image folder is
   ``<json dir>/../<split>`` or ``<json dir>/<split>``, the split (``train2017``) taken from the
   json's file name; write ``ANN.json::IMAGE_DIR`` to name the folder explicitly.
 - a folder: every ``.jpg``, ``.jpeg`` and ``.png`` under it, recursively (linked folders too),
@@ -26,8 +26,6 @@ same number of steps, so DDP never waits on a rank that ran out of data.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -90,24 +88,36 @@ def _absolute(path: Path | str) -> str:
 
 
 def _coco_images(json_path: Path, image_dir: Path | None) -> list[str]:
-    from pycocotools.coco import COCO
-
+    # Plain json, not pycocotools: listing file names needs no index of the annotations (COCO's
+    # are ~450 MB, loaded by every rank), and GPU images often lack pycocotools.
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            coco = COCO(str(json_path))
+        with open(json_path, "rb") as f:
+            coco = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{json_path}: not valid json ({e}); expected a COCO json with an 'images' list") from None
-    except Exception as e:  # pycocotools asserts the top level is a dict
-        raise DataError(f"{json_path}: not a COCO json ({type(e).__name__}: {e}); expected an 'images' list") from None
-    if not isinstance(coco.dataset.get("images"), list):
+    except OSError as e:
+        raise DataError(f"{json_path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(coco, dict):
+        raise DataError(f"{json_path}: not a COCO json (a json {type(coco).__name__}); expected an object with an "
+                        "'images' list")
+    if not isinstance(coco.get("images"), list):
         raise DataError(f"{json_path}: no 'images' list; expected a COCO json (annotations are optional)")
-    images = [coco.imgs[i] for i in sorted(coco.getImgIds())]  # by id: independent of json order
+    images = coco["images"]
+    del coco  # the annotations, if any, are not needed here
+    if not all(isinstance(im, dict) for im in images):
+        raise DataError(f"{json_path}: an entry of 'images' is not a record; expected COCO image records")
     if any("file_name" not in im for im in images):
         raise DataError(f"{json_path}: an entry of 'images' has no 'file_name'; expected COCO image records")
     bad = next((im for im in images if not isinstance(im["file_name"], str) or not im["file_name"]), None)
     if bad is not None:
         raise DataError(f"{json_path}: bad image record (id {bad.get('id')!r}): file_name {bad['file_name']!r} "
                         "is not a file name")
+    bad = next((im for im in images if not isinstance(im.get("id"), int) or isinstance(im["id"], bool)), None)
+    if bad is not None:
+        raise DataError(f"{json_path}: bad image record (file_name {bad['file_name']!r}): id {bad.get('id')!r} "
+                        "is not an integer")
+    by_id = {im["id"]: im for im in images}  # one record per id, as pycocotools' index keeps
+    images = [by_id[i] for i in sorted(by_id)]  # by id: independent of json order
     root = image_dir if image_dir is not None else _coco_image_dir(json_path)
     if not root.is_dir():
         raise DataError(f"{root}: image folder of {json_path} not found (write ANN.json::IMAGE_DIR to name it)")

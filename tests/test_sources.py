@@ -47,6 +47,20 @@ def test_coco_json_with_and_without_annotations(tmp_path):
     assert files == [str((tmp_path / "coco" / split / n).resolve()) for split in ("train2017", "unlabeled2017") for n in by_id]
 
 
+def test_coco_listing_needs_no_pycocotools(tmp_path, monkeypatch):
+    """GPU images often lack pycocotools, and every rank would index COCO's annotations just to
+    list file names: a COCO source is read as plain json."""
+    import sys
+
+    names = ["000000000009.jpg", "000000000025.jpg"]
+    for n in names:
+        _image(tmp_path / "coco" / "train2017" / n)
+    train = _coco(tmp_path, "instances_train2017.json", names, annotations=True)
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # any import of it now fails
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
+    assert resolve_sources([str(train)]) == [str(tmp_path / "coco" / "train2017" / n) for n in reversed(names)]
+
+
 def test_coco_json_with_explicit_image_folder(tmp_path):
     _image(tmp_path / "elsewhere" / "x.jpg")
     ann = _coco(tmp_path, "my_list.json", ["x.jpg"])
