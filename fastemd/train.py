@@ -153,7 +153,7 @@ def _trim_metrics(path: Path, step: int) -> None:
         tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves the old file, not a stray copy
 
 
-def _unwritable(folder: Path) -> str | None:
+def unwritable_folder(folder: Path) -> str | None:
     """Why `folder` cannot be (made and) written, or None: checked before any work is done."""
     if str(folder) in ("", "."):
         return None if os.access(".", os.W_OK) else "the current folder is not writable"
@@ -299,7 +299,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     say = print if env.main else (lambda *a, **k: None)
 
     # ---- run folder and resolved config ---------------------------------------------------
-    if problem := _unwritable(out_dir):
+    if problem := unwritable_folder(out_dir):
         raise TrainingError(f"train.out_dir {out_dir}: {problem}; choose another --train.out_dir")
     if env.main:
         lock.acquire()  # before anything in out_dir is read or written

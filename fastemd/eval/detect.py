@@ -460,7 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelled COCO json for the box AP ('demo': the demo dataset's held-out val2017)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="tiny",
                         help="1x: COCO's 90k iterations at 16 images; tiny: the demo on a CPU (default)")
-    parser.add_argument("--out", default=None, help="run folder (default runs/detect_<backbone>_<schedule>)")
+    parser.add_argument("--out", default=None, help="run folder (default runs/detect_<backbone>_<schedule>_seed<seed>, "
+                        "<backbone> the run's folder for a run's backbone_torchvision.pth)")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue from the newest checkpoint in --out (auto) or from PATH")
     parser.add_argument("--network", default=None, choices=["online", "target"],
@@ -481,30 +482,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dashboard", choices=["auto", "rich", "plain"], default="auto",
                         help="rich: a live panel; plain: a line per log step (auto: rich on a terminal)")
-
-
-class _Stop:
-    """SIGTERM/SIGINT: finish the iteration, checkpoint, exit 128 + signal (as `fastemd train`)."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def __enter__(self):
-        import signal
-
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum == signum == 2:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        import signal
-
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
 
 
 class _Display:
@@ -632,12 +609,12 @@ def _run(args: argparse.Namespace) -> int:
 
     from fastemd.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_latest, rng_state,
                                     save_checkpoint, set_aside_newer, set_rng_state)
-    from fastemd.train import RunLock, _unwritable, pick_cpu_threads
+    from fastemd.train import RunLock, StopSignal, pick_cpu_threads, unwritable_folder
 
     _import_torchvision()
     schedule = SCHEDULES[args.schedule]
     out = Path(args.out) if args.out else _default_out(args)
-    if problem := _unwritable(out):
+    if problem := unwritable_folder(out):
         raise DetectError(f"--out {out}: {problem}; choose another --out")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise DetectError(f"--lr must be a positive number, got {args.lr}")
@@ -742,7 +719,7 @@ def _run(args: argparse.Namespace) -> int:
         train_batches = batches(start, iterations)
         if resume_path is not None:
             set_rng_state(state["rng"][rank])  # each rank's own generators
-        with _Stop() as stop:
+        with StopSignal() as stop:
             for images, targets in train_batches:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(schedule, iteration, lr)
