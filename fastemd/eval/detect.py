@@ -571,6 +571,9 @@ def run(args: argparse.Namespace) -> int:
         return fail("interrupted by a second Ctrl-C; the earlier checkpoints stay (--resume auto continues)", 130)
     finally:
         if dist.is_initialized():
+            import gc
+
+            gc.collect()  # DDP's reducer (reference cycles) freed while its process group lives (train.main)
             dist.destroy_process_group()
 
 
