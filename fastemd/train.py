@@ -695,12 +695,16 @@ def main(cfg: Config) -> int:
               f"{Path(cfg.train.out_dir) / 'checkpoints'} (--resume auto continues from the newest)", file=sys.stderr)
         return 130
     finally:
-        if dist.is_initialized():
-            # DDP's reducer sits in reference cycles: freed now, while its process group lives (freed
-            # after it, at exit, gloo's threads aborted the process now and then: "terminate called
-            # without an active exception", rank exit -6, about one 2-rank run in three)
-            import gc
-
-            gc.collect()
-            dist.destroy_process_group()
+        end_process_group()
     return 128 + result["signal"] if result["signal"] else 0
+
+
+def end_process_group() -> None:
+    """Destroy the process group, if any, after freeing what still uses it: DDP's reducer sits in
+    reference cycles, and freed after the group (at exit) gloo's threads aborted the process now and
+    then ("terminate called without an active exception", rank exit -6, about one 2-rank run in three)."""
+    if dist.is_initialized():
+        import gc
+
+        gc.collect()
+        dist.destroy_process_group()

@@ -88,12 +88,22 @@ def screen(path: str) -> str | None:
     try:
         with Image.open(path) as image:
             return header_problem(image)
-    except UnidentifiedImageError:
+    except OPEN_ERRORS as e:
+        return open_failure(e)
+
+
+# What PIL raises for a file it cannot open or decode, and the reason check-data gives for each.
+OPEN_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def open_failure(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):
         return "not an image"
-    except Image.DecompressionBombError as e:
-        return f"too large: {e}"
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"truncated or corrupt: {e}"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"too large: {error}"
+    if isinstance(error, OSError) and error.errno is not None:  # the file system's, not PIL's
+        return f"cannot read: {error.strerror}"
+    return f"truncated or corrupt: {error}"
 
 
 def check_file(path: str) -> FileCheck:
@@ -123,12 +133,8 @@ def check_file(path: str) -> FileCheck:
                 # still fails, at a fifth of the cost.
                 image.draft(mode, (max(1, width // 8), max(1, height // 8)))
             image.load()
-    except UnidentifiedImageError:
-        return FileCheck(path, "not an image")
-    except Image.DecompressionBombError as e:
-        return FileCheck(path, f"too large: {e}")
-    except (OSError, SyntaxError, ValueError) as e:
-        return FileCheck(path, f"truncated or corrupt: {e}")
+    except OPEN_ERRORS as e:
+        return FileCheck(path, open_failure(e))
     return FileCheck(path, None, ", ".join(notes))
 
 

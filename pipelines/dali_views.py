@@ -212,11 +212,6 @@ class DaliTwoViewLoader:
         screens all the others, so later epochs find theirs done (no stall at their start)."""
         from .check import screen
 
-        if self._screener is None:
-            self._screener = threading.Thread(target=self._screen_all, name="fastemd-screen", daemon=True)
-            first = True
-        else:
-            first = False
         for path in files:
             if path in self._bad:
                 continue
@@ -230,7 +225,8 @@ class DaliTwoViewLoader:
             log.warning("skipped %s: %s (replaced by the next file of this rank)", shown(path), reason)
             self.skipped_files += 1
             self._bad[path] = reason
-        if first:
+        if self._screener is None:  # the first call: the other files in the background
+            self._screener = threading.Thread(target=self._screen_all, name="fastemd-screen", daemon=True)
             self._screener.start()
 
     def _screen_all(self) -> None:

@@ -116,7 +116,7 @@ class DetectionSet:
     labels: dict[int, np.ndarray]  # image id -> (n,) int64, 1..K (0 is the background)
     categories: list[dict]  # {"id", "name"}, by id; label k is categories[k - 1]
     malformed: int  # annotations without a usable box, skipped
-    coco: dict  # the json as COCOeval reads it (area and iscrowd filled in where missing)
+    coco: dict | None  # val only: the json as COCOeval reads it (its valid annotations, area and iscrowd filled in)
 
 
 def resolve_data(value: str, split: str) -> Path:
@@ -133,7 +133,8 @@ def resolve_data(value: str, split: str) -> Path:
 
 
 def load_detection_set(source: str | Path, role: str) -> DetectionSet:
-    """A labelled COCO json (images in COCO's layout beside it, or ``ANN.json::IMAGE_DIR``)."""
+    """A labelled COCO json (images in COCO's layout beside it, or ``ANN.json::IMAGE_DIR``); `role`
+    ("train" or "val") names the option in messages, and "val" keeps COCOeval's ground truth."""
     from fastemd.pipelines.sources import _coco_image_dir
 
     text, _, image_dir = str(source).partition("::")
@@ -185,7 +186,7 @@ def load_detection_set(source: str | Path, role: str) -> DetectionSet:
                           "per annotation")
     boxes: dict[int, list] = {}
     labels: dict[int, list] = {}
-    malformed = 0
+    malformed, valid = 0, []
     for a in annotations:
         box = a.get("bbox") if isinstance(a, dict) else None
         if (not isinstance(box, list) or len(box) != 4
@@ -195,6 +196,7 @@ def load_detection_set(source: str | Path, role: str) -> DetectionSet:
             continue
         a.setdefault("area", float(box[2]) * float(box[3]))  # COCOeval reads both
         a.setdefault("iscrowd", 0)
+        valid.append(a)
         if a.get("iscrowd", 0) or box[2] < 1 or box[3] < 1:  # crowd regions: COCOeval's business only
             continue
         x, y, w, h = (float(v) for v in box)
@@ -206,8 +208,9 @@ def load_detection_set(source: str | Path, role: str) -> DetectionSet:
     return DetectionSet(
         path, images, {i: np.asarray(b, np.float32) for i, b in boxes.items()},
         {i: np.asarray(v, np.int64) for i, v in labels.items()}, categories, malformed,
-        {"images": data["images"], "annotations": [a for a in annotations if isinstance(a, dict) and isinstance(
-            a.get("bbox"), list) and len(a["bbox"]) == 4 and a.get("image_id") in known], "categories": data["categories"]})
+        # COCOeval's ground truth: the val set's only (COCO train's json would stay in every rank's
+        # memory for the whole fine-tune)
+        {"images": data["images"], "annotations": valid, "categories": data["categories"]} if role == "val" else None)
 
 
 def check_same_categories(train: DetectionSet, val: DetectionSet) -> None:
@@ -232,8 +235,7 @@ class _Images(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, key):
-        from PIL import UnidentifiedImageError
-
+        from fastemd.pipelines.check import OPEN_ERRORS, open_failure
         from fastemd.pipelines.torch_loader import RejectedImage, decode_rgb
 
         index, flip = key
@@ -241,10 +243,8 @@ class _Images(torch.utils.data.Dataset):
         path = self.by_id[image_id]["path"]
         try:
             image = decode_rgb(path)
-        except (RejectedImage, OSError, SyntaxError, ValueError) as e:
-            reason = (str(e) if isinstance(e, RejectedImage) else "not an image" if isinstance(e, UnidentifiedImageError)
-                      else f"cannot be read ({e.strerror})" if isinstance(e, OSError) and e.strerror
-                      else f"truncated or corrupt ({e})")
+        except (RejectedImage, *OPEN_ERRORS) as e:
+            reason = str(e) if isinstance(e, RejectedImage) else open_failure(e)
             raise DetectError(f"{path}: {reason} (run `fastemd check-data` on the dataset)") from None
         record = self.by_id[image_id]
         if record["width"] and record["height"] and image.size != (record["width"], record["height"]):
@@ -489,9 +489,8 @@ class _Display:
     s/it of the last log step; elsewhere a plain line per log step."""
 
     def __init__(self, total: int, start: int, mode: str):
-        self.rich = mode == "rich" or (mode == "auto" and sys.stdout.isatty())
         self.live = None
-        if self.rich:
+        if mode == "rich" or (mode == "auto" and sys.stdout.isatty()):
             from rich.console import Group
             from rich.live import Live
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -553,9 +552,7 @@ def _same_schedule(saved, schedule: Schedule) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
-    from fastemd.train import TrainingError
+    from fastemd.train import TrainingError, end_process_group
 
     def fail(message: str, status: int = 2) -> int:
         print(f"fastemd eval detect: error: {message}", file=sys.stderr)
@@ -570,11 +567,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return fail("interrupted by a second Ctrl-C; the earlier checkpoints stay (--resume auto continues)", 130)
     finally:
-        if dist.is_initialized():
-            import gc
-
-            gc.collect()  # DDP's reducer (reference cycles) freed while its process group lives (train.main)
-            dist.destroy_process_group()
+        end_process_group()
 
 
 def _setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
