@@ -53,7 +53,7 @@ class ModelConfig:
     proj_hidden: int = 4096
     proj_dim: int = 256
     pred_hidden: int = 4096
-    sync_bn: bool = True  # SyncBatchNorm under multi-GPU (ignored on CPU)
+    sync_bn: bool = True  # BatchNorm statistics over all ranks under DDP (fastemd.sync_bn; gloo too)
     channels_last: bool = True  # ignored on CPU
 
 
@@ -95,7 +95,11 @@ class TrainConfig:
     compile_mode: str = "default"  # "default", "reduce-overhead", "max-autotune"
     compile_backend: str = "inductor"  # "aot_eager" traces without code generation (debugging)
     grad_accum: int = 1
-    ckpt_every: int = 1000  # steps between checkpoints (also at every epoch end)
+    ckpt_every: int = 1000  # steps between checkpoints (0: none by step count)
+    # minutes of wall-clock between checkpoints (0: none by time); a crash loses at most this
+    # much. Checkpoints are written in the background; one is also written on SIGTERM/SIGINT
+    # and at the end of the run, never at epoch ends (COCO's are seconds apart on 8 GPUs).
+    ckpt_minutes: float = 30.0
     keep_last: int = 3  # checkpoints kept on disk
     resume: str = ""  # "", "auto" (newest in out_dir) or a checkpoint path
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
@@ -173,6 +177,7 @@ def bench() -> Config:
     cfg.data.batch_size = 256
     cfg.train.max_steps = 100
     cfg.train.ckpt_every = 0
+    cfg.train.ckpt_minutes = 0.0
     cfg.train.out_dir = "runs/bench"
     return cfg
 
@@ -421,7 +426,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)!r}")
-    for key in ["train.max_steps", "train.ckpt_every", "data.workers", "train.cpu_threads", "optim.weight_decay",
+    for key in ["train.max_steps", "train.ckpt_every", "train.ckpt_minutes", "data.workers", "train.cpu_threads", "optim.weight_decay",
                 "optim.warmup_epochs", "loss.global_weight", "loss.dense_weight", "optim.base_lr"]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true", help="find the largest batch that fits (CUDA)")
     parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of the last rung to DIR")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the ladder and the phase split (needs matplotlib)")
+    parser.add_argument("--epochs", type=nonneg_int, default=0,
+                        help="e2e: measure the epoch boundaries over this many epochs, before and after issue 13 "
+                             "(loader started afresh + synchronous checkpoint, against the spanning loader + "
+                             "background checkpoint); 0: the steady-state measurement (default)")
+    parser.add_argument("--images", type=nonneg_int, default=0,
+                        help="e2e: use only the first N images (few steps per epoch); 0: all")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. model.arch=resnet18 data.view2_size=160")
 
@@ -229,8 +235,8 @@ def _sweep(cfg, device, rung_list, sizes, batch) -> dict:
 
 
 def profile_e2e(args) -> dict:
-    from fastemd.train import choose_loader
     from fastemd.pipelines import build_two_view_loader, resolve_sources
+    from fastemd.train import choose_loader
 
     cfg = _config(args)
     device = torch.device(args.device)
@@ -239,14 +245,23 @@ def profile_e2e(args) -> dict:
         from fastemd.demo_data import ensure_demo_data
 
         sources = [str(ensure_demo_data())]
-    files = resolve_sources(sources)
+    files = resolve_sources(sources)[:args.images or None]
     kind = choose_loader(cfg.data.loader)
-    loader = build_two_view_loader(
-        files, kind=kind, batch_size=cfg.data.batch_size, view_sizes=(cfg.data.view1_size, cfg.data.view2_size),
-        device=device.type, workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
-    )
+
+    def build_loader(span_epochs=True):
+        return build_two_view_loader(
+            files, kind=kind, batch_size=cfg.data.batch_size, view_sizes=(cfg.data.view1_size, cfg.data.view2_size),
+            device=device.type, workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
+            span_epochs=span_epochs,
+        )
+
     rung_list = tuple(args.rungs.split(",")) if args.rungs else (RUNGS if device.type == "cuda" else ("fp32",))
     step = Step(cfg, device, **_rung_settings(rung_list, rung_list[-1]))
+    note = "DALI not installed: the reference loader" if kind == "torch" and cfg.data.loader == "auto" else ""
+    result = {"loader": kind, "loader_note": note, "images": len(files), "batch": cfg.data.batch_size}
+    if args.epochs:
+        return {**result, **_epoch_boundaries(args, build_loader, step, cfg)}
+    loader = build_loader()
 
     def batches():  # epochs back to back, as long as the measurement needs
         epoch = 0
@@ -268,10 +283,73 @@ def profile_e2e(args) -> dict:
     _sync(device)
     total = time.perf_counter() - start
     stream.close()
-    note = "DALI not installed: the reference loader" if kind == "torch" and cfg.data.loader == "auto" else ""
-    return {"loader": kind, "loader_note": note,
-            "images": len(files), "batch": cfg.data.batch_size, "ms_per_step": 1000 * total / args.steps,
+    loader.close()
+    return {**result, "ms_per_step": 1000 * total / args.steps,
             "images_per_s": cfg.data.batch_size * args.steps / total, "data_wait_pct": 100 * wait / total}
+
+
+def _epoch_boundaries(args, build_loader, step: Step, cfg) -> dict:
+    """What an epoch boundary costs, before and after issue 13, in one run on one machine.
+
+    Each mode runs `args.epochs` epochs of the real loader into the step, and at every epoch end
+    writes the step's checkpoint (model, optimizer: what `fastemd train` saves):
+      before: each epoch's loader started afresh (the reference loader re-forks its workers,
+              DALI builds its pipeline at the boundary), and a synchronous checkpoint write;
+      after, no checkpoint: the same loader with no checkpoint (what remains of the stall);
+      after:  what `fastemd train` does now: the loader spans epochs (workers kept, the next
+              DALI pipeline built ahead) and the checkpoint is written in the background
+              (`CheckpointWriter`: only the host snapshot blocks). `fastemd train` no longer
+              checkpoints at epoch ends at all; one here is the worst case, a wall-clock or
+              step checkpoint falling on a boundary.
+    A step's time runs from the end of the step before to the end of this one (synchronised), so
+    it holds the wait for data and anything done between the steps. The stall is the mean time
+    of the first step of epochs 1.. (epoch 0 is the warm-up) less the median of the other steps,
+    also as a share of an epoch (steps per epoch x median step)."""
+    import statistics
+    import tempfile
+
+    from fastemd.checkpoint import CheckpointWriter
+
+    modes = {}
+    for mode in ("before", "after", "after, no checkpoint"):
+        loader = build_loader(span_epochs=mode != "before")
+        with tempfile.TemporaryDirectory(prefix="fastemd-e2e-") as out:
+            writer = CheckpointWriter(out, keep_last=1, background=mode != "before")
+            times: list[tuple[int, int, float]] = []  # (epoch, step in epoch, seconds)
+            blocking, done = [], 0
+            _sync(step.device)
+            last = time.perf_counter()
+            for epoch in range(args.epochs):
+                for i, (v1, v2) in enumerate(loader.epoch(epoch)):
+                    step(v1.to(step.device, memory_format=step.format, non_blocking=True),
+                         v2.to(step.device, memory_format=step.format, non_blocking=True))
+                    _sync(step.device)
+                    now = time.perf_counter()
+                    times.append((epoch, i, now - last))
+                    last = now
+                    done += 1
+                if mode == "after, no checkpoint":
+                    continue
+                state = {"model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(), "step": done,
+                         "config": cfg.to_dict()}
+                start = time.perf_counter()
+                writer.save(state, done)  # before: the whole write; after: the snapshot
+                blocking.append(time.perf_counter() - start)
+            writer.wait()
+            size = writer.last.stat().st_size if writer.last else None
+        loader.close()
+        steady = [t for e, i, t in times if e >= 1 and i > 0]
+        edges = [t for e, i, t in times if e >= 1 and i == 0]
+        median = statistics.median(steady)
+        steps_per_epoch = loader.steps_per_epoch
+        stall = statistics.mean(edges) - median
+        modes[mode] = {
+            "ms_per_step": 1000 * median, "boundary_step_ms": [1000 * t for t in edges],
+            "stall_ms": 1000 * stall, "stall_pct_of_epoch": 100 * stall / (steps_per_epoch * median),
+            "checkpoint_blocking_ms": 1000 * statistics.mean(blocking[1:] or blocking) if blocking else None,
+            "checkpoint_mb": size / 2**20 if size else None,  # (the first save allocates: not averaged)
+        }
+    return {"epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "boundaries": modes}
 
 
 def _print_step(result):
@@ -293,6 +371,23 @@ def _print_step(result):
     console.print(f"phase split (last rung): {phases}; {result['gflops_per_pair']:.1f} GFLOP per pair")
     if "sweep" in result:
         console.print(f"largest batch that fits: {result['sweep']['largest_batch']}")
+
+
+def _print_boundaries(result):
+    from rich.console import Console
+    from rich.table import Table
+
+    note = f" ({result['loader_note']})" if result["loader_note"] else ""
+    table = Table(title=f"epoch boundaries: loader {result['loader']}{note}, {result['images']} images, batch "
+                        f"{result['batch']}, {result['steps_per_epoch']} steps/epoch, {result['epochs']} epochs")
+    for col in ("", "ms/step", "boundary step ms", "stall ms", "stall % of epoch", "ckpt blocking ms", "ckpt MB"):
+        table.add_column(col, justify="right")
+    for mode, m in result["boundaries"].items():
+        ckpt = ("-", "-") if m["checkpoint_mb"] is None else (f"{m['checkpoint_blocking_ms']:.1f}",
+                                                               f"{m['checkpoint_mb']:.1f}")
+        table.add_row(mode, f"{m['ms_per_step']:.1f}", ", ".join(f"{t:.0f}" for t in m["boundary_step_ms"]),
+                      f"{m['stall_ms']:.1f}", f"{m['stall_pct_of_epoch']:.2f}", *ckpt)
+    Console().print(table)
 
 
 def _plot(result, path):
@@ -329,6 +424,8 @@ def run(args: argparse.Namespace) -> int:
         result = profile_e2e(args)
         if args.json:
             print(json.dumps(result))
+        elif "boundaries" in result:
+            _print_boundaries(result)
         else:
             note = f" ({result['loader_note']})" if result["loader_note"] else ""
             print(f"e2e: loader {result['loader']}{note}, batch {result['batch']}: {result['ms_per_step']:.1f} ms/step, "

@@ -85,7 +85,8 @@ def _measure(files, kind, device, views, args) -> dict:
         pairs += v1.shape[0]
         if args.seconds and time.perf_counter() - start > args.seconds:
             break
-    batches.close()  # ends the reference loader's workers, so their CPU time is counted
+    batches.close()
+    loader.close()  # ends the reference loader's workers, so their CPU time is counted
     del batches
     if cuda:
         torch.cuda.synchronize()

@@ -8,10 +8,16 @@ Run it as `fastemd train ...` (one process) or `torchrun --nproc_per_node=8 tool
 files; every rank runs the same number of steps.
 
 Host synchronisation: metrics stay on the device and are read (`.item()`) only on log steps.
-The one read per step is a single flag, "were this step's loss and gradients finite on every
-rank", taken before the optimizer step so that a non-finite step changes nothing (no LARS, no
-EMA, and the BatchNorm running statistics its forward touched are put back); with fp16 the
-GradScaler makes the same kind of read for the same reason.
+The one read per step is three flags in one all-reduce: "were this step's loss and gradients
+finite on every rank", taken before the optimizer step so that a non-finite step changes nothing
+(no LARS, no EMA, and the BatchNorm running statistics its forward touched are put back); "did a
+rank get SIGTERM/SIGINT"; "is a wall-clock checkpoint due" (rank 0's clock). So all ranks stop,
+and checkpoint, at the same step, within one step of a signal. With fp16 the GradScaler makes a
+read of its own for the same reason as the first flag.
+
+Checkpoints (`train.ckpt_every` steps, `train.ckpt_minutes`, a stop, the end; never forced at an
+epoch end) are a host snapshot at the step and a background write (`CheckpointWriter`); a stop
+and the end wait for the write. The loaders span epochs (no pipeline start at a boundary).
 
 Resume: a checkpoint holds the position (epoch, steps of it done) and every rank's data-loader
 state (for DALI, each rank's pipeline checkpoint: reader position and random generators), so
@@ -40,12 +46,13 @@ from torch import nn
 
 from fastemd.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
+    CheckpointWriter,
     git_revision,
     list_checkpoints,
     load_checkpoint,
     load_latest,
     rng_state,
-    save_checkpoint,
     set_aside,
     set_aside_newer,
     set_rng_state,
@@ -187,6 +194,38 @@ def _check_same_model(state: dict, cfg: Config, source) -> None:
                             "--resume auto")
 
 
+class BufferSnapshot:
+    """A copy of a module's buffers (BatchNorm running statistics: fp32 means and variances,
+    int64 counters) to put back after a step that must change nothing. The copies are allocated
+    once (torch 2.11 has no _foreach_clone) and refreshed with one foreach copy per dtype: the
+    foreach fast path (one kernel over many tensors) takes tensors of one dtype, so a mixed list
+    would fall back to a copy per tensor (~336 for ResNet-50's online and target)."""
+
+    def __init__(self, module: nn.Module):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in module.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        self.groups = [(live, [b.detach().clone() for b in live]) for live in by_dtype.values()]
+
+    def save(self) -> None:
+        for live, copy in self.groups:
+            torch._foreach_copy_(copy, live)
+
+    def restore(self) -> None:
+        for live, copy in self.groups:
+            torch._foreach_copy_(live, copy)
+
+
+def _no_buffer_broadcast() -> dict:
+    """DDP's keyword for "do not broadcast buffers before each forward": `forward_sync_buffers`
+    where it exists (torch 2.13 deprecates `broadcast_buffers`, with a warning), else
+    `broadcast_buffers` (torch 2.11, the GPU image's)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def choose_loader(kind: str) -> str:
     if kind != "auto":
         return kind
@@ -287,6 +326,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     from fastemd.model import SelfEMD
     from fastemd.optim import build_optimizer, global_batch_lr, lr_schedule, tau_schedule, wd_schedule
     from fastemd.pipelines import BadImageError, build_two_view_loader
+    from fastemd.sync_bn import convert_sync_batchnorm
 
     env = setup_distributed(cfg.train.device)
     cuda = env.device.type == "cuda"
@@ -343,9 +383,12 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     # ---- model, optimizer ----------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = SelfEMD(cfg.model, cfg.loss)
-    if env.distributed and cuda and cfg.model.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sync_bn = env.distributed and cfg.model.sync_bn
+    if sync_bn:  # fastemd.sync_bn: one traceable all-reduce a layer (nn.SyncBatchNorm breaks the compiled graph)
+        model = convert_sync_batchnorm(model)
     memory_format = torch.channels_last if (cuda and cfg.model.channels_last) else torch.contiguous_format
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # every batch has the same shapes: time the conv algorithms once
     model = model.to(env.device, memory_format=memory_format)
     optimizer = build_optimizer(model, cfg.optim)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if cuda else None
@@ -413,7 +456,12 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     step_model: nn.Module = model
     if env.distributed:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
+        # DDP re-sends rank 0's buffers (BatchNorm statistics, ~336 tensors for ResNet-50's online
+        # and target) before every forward. With synchronised BatchNorm every rank computes the
+        # same statistics from the same all-reduced sums, and there are no other buffers, so they
+        # are already equal (tests/test_train.py checks it to the bit): skip it.
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None,
+                                                         **(_no_buffer_broadcast() if sync_bn else {}))
     if cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda):
         # dynamic=False: every batch of a run has the same shapes (the loaders pad or drop), so
         # static kernels; a shape change recompiles statically instead of going symbolic.
@@ -442,10 +490,9 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     dash = Dashboard(run_steps, steps_per_epoch, start_step=step, mode=cfg.log.dashboard, enabled=env.main,
                      title=f"fastemd {cfg.preset}: {cfg.model.arch} on {env.world_size}x {env.device.type}")
-    buffers = list(model.buffers())  # BatchNorm running statistics of online and target
-    # Their copy from before each step, allocated once (torch 2.11 has no _foreach_clone; a
-    # foreach copy into fixed tensors is one call a step on every version).
-    buffers_before = [b.detach().clone() for b in buffers]
+    bn_state = BufferSnapshot(model)  # BatchNorm running statistics of online and target
+    flags = torch.zeros(3, device=env.device)  # the step's one reduction (finite, signal, checkpoint due)
+    ckpt_seconds = 60 * cfg.train.ckpt_minutes
     keys = ("loss", "loss_emd", "loss_global", "similarity")
     window = torch.zeros(len(keys), device=env.device)  # sums over the log window, on the device
     monitor = HealthMonitor(warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), total_steps=total_steps,
@@ -456,17 +503,20 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     smooth = Meter()
     bad_in_row = 0
     overflows = 0  # fp16 steps the GradScaler skipped
-    last_ckpt: Path | None = Path(resumed_from) if resumed_from else None
+    writer = CheckpointWriter(out_dir, cfg.train.keep_last)
+    writer.last = Path(resumed_from) if resumed_from else None
     saved_at = step if resumed_from else -1
+    saved_time = now()  # for train.ckpt_minutes
     ended = "finished"
 
     def checkpoint() -> None:
-        # Every rank calls this at the same steps (the stop decision is agreed on first): the data
-        # loaders' states are gathered, and rank 0 writes the file.
-        nonlocal last_ckpt, saved_at
+        # Every rank calls this at the same steps (stopping and the wall-clock cadence are agreed
+        # on in the step's one reduction): the data loaders' states are gathered, and rank 0
+        # snapshots the state; its writer thread puts it on disk while training goes on.
+        nonlocal saved_at, saved_time
         if saved_at == step:
             return
-        saved_at = step
+        saved_at, saved_time = step, now()
         data_states = [loader.state_dict()]
         if env.distributed:  # all_gather: NCCL has no gather of objects; a few kB per rank
             gathered = [None] * env.world_size
@@ -481,12 +531,17 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             "skipped_steps": skipped, "rng": rng_state(), "config": cfg.to_dict(), "git": revision,
             "world_size": env.world_size, "data": data_states,
         }
+        with write_errors():
+            writer.save(state, step)
+
+    @contextlib.contextmanager
+    def write_errors():
         try:
-            last_ckpt = save_checkpoint(state, out_dir, step, cfg.train.keep_last)
-        except OSError as e:  # disk full, quota, a storage fault: the last good checkpoint stays
+            yield
+        except CheckpointWriteError as e:  # disk full, quota, a storage fault: the last good checkpoint stays
             raise TrainingError(
-                f"cannot write the checkpoint of step {step} under {out_dir / 'checkpoints'} ({e.strerror or e}); "
-                f"last good checkpoint: {last_ckpt or 'none yet'}. Free space, then --resume auto"
+                f"{e} under {out_dir / 'checkpoints'}; last good checkpoint: {writer.last or 'none yet'}. "
+                "Free space, then --resume auto"
             ) from None
 
     done_in_epoch = start_in_epoch  # steps of `epoch` already done: where a resumed run starts
@@ -506,7 +561,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
                     # BatchNorm running statistics change in the forward itself: keep a copy (a few
                     # hundred kB) so that a skipped step can put them back, NaN-free.
-                    torch._foreach_copy_(buffers_before, buffers)
+                    bn_state.save()
                     loss_sum = torch.zeros((), device=env.device)
                     for micro in range(accum):
                         t0 = now()
@@ -523,17 +578,24 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                         window += parts / accum
                         loss_sum += parts[0]
 
-                    # The one host read per step: skip the update unless the loss, and the gradients
-                    # (a finite loss can still back-propagate inf), are finite on all ranks. With fp16
-                    # the GradScaler judges the gradients itself (and lowers its scale).
+                    # The one host read per step, three flags in one MIN all-reduce: were the loss and
+                    # the gradients (a finite loss can still back-propagate inf) finite on all ranks
+                    # (with fp16 the GradScaler judges the gradients itself, and lowers its scale);
+                    # did any rank get SIGTERM/SIGINT (negated: the MIN is the largest signal number);
+                    # is a wall-clock checkpoint due (rank 0's clock decides). So every rank stops,
+                    # and checkpoints, at the same step, within one step of a signal.
                     finite = torch.isfinite(loss_sum)
                     if not scaler.is_enabled():
                         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
                         finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-                    finite = finite.float()
+                    flags[0].copy_(finite)
+                    flags[1].fill_(-float(stop.signum))
+                    flags[2].fill_(-float(env.main and ckpt_seconds > 0 and now() - saved_time >= ckpt_seconds))
                     if env.distributed:
-                        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                    if finite.item() == 1.0:
+                        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+                    all_finite, minus_signal, minus_due = flags.tolist()  # syncs: the step's one read
+                    stop_now, ckpt_due = int(-minus_signal), minus_due < 0
+                    if all_finite == 1.0:
                         scale = scaler.get_scale() if scaler.is_enabled() else 0.0
                         scaler.step(optimizer)
                         scaler.update()
@@ -545,7 +607,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                             model.update_target(float(tau_sched[step]))
                         bad_in_row = 0
                     else:
-                        torch._foreach_copy_(buffers, buffers_before)
+                        bn_state.restore()
                         skipped += 1
                         bad_in_row += 1
                         dash.print(f"step {step + 1}: non-finite loss or gradients; update skipped ({bad_in_row} in a row)",
@@ -553,7 +615,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                         if bad_in_row >= cfg.train.max_bad_steps:
                             raise TrainingError(
                                 f"{bad_in_row} non-finite steps (loss or gradients) in a row (step {step + 1}); stopping. "
-                                f"Last good checkpoint: {last_ckpt or 'none yet'}. Lower optim.base_lr, "
+                                f"Last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}. Lower optim.base_lr, "
                                 "try train.amp=bf16, or check the data"
                             )
                     optimizer.zero_grad(set_to_none=True)
@@ -606,33 +668,30 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                         window.zero_()
                         window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, now()
 
-                    stop_now = stop.signum
-                    if env.distributed and (step % cfg.log.every == 0 or last):
-                        # Ranks agree on stopping at log steps (a signal may reach them at different steps).
-                        flag = torch.tensor(float(stop.signum), device=env.device)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                        stop_now = int(flag.item())
-                    elif env.distributed:
-                        stop_now = 0
+                    with write_errors():
+                        writer.raise_error()  # a background write that failed stops the run here
                     if stop_now:
                         ended = f"stopped by {signal.Signals(stop_now).name}"
                         checkpoint()
-                        dash.print(f"fastemd: {ended} at step {step}; checkpoint {last_ckpt}", style="bold yellow")
+                        with write_errors():
+                            writer.wait()  # on disk before the process exits (torchrun's SIGKILL comes 30 s after)
+                        dash.print(f"fastemd: {ended} at step {step}; checkpoint {writer.last}", style="bold yellow")
                         break
-                    if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
+                    if ckpt_due or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
                         checkpoint()
-                else:  # the epoch ran to its end
-                    checkpoint()
-                    epoch, start_in_epoch = epoch + 1, 0
+                else:  # the epoch ran to its end: the next one goes on from the loader's stream
+                    epoch, start_in_epoch, done_in_epoch = epoch + 1, 0, 0
                     continue
                 break  # stopped by a signal or by max_steps inside the epoch
             if ended == "finished":
                 checkpoint()
+            with write_errors():
+                writer.wait()
         except BadImageError as e:  # a clean stop, the last checkpoint untouched
             why = ("data.on_bad_file=stop" if cfg.data.on_bad_file == "stop"
                    else "data.on_bad_file=skip found no decodable image to put in its place")
             raise TrainingError(f"stopping on a bad image ({why}): {e}. "
-                                f"Last good checkpoint: {last_ckpt or 'none yet'}") from None
+                                f"Last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}") from None
         except torch.cuda.OutOfMemoryError:
             if step > first_step:  # only the first step of this run says what the batch size does
                 raise
@@ -642,14 +701,17 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 f"try --data.batch_size={max(cfg.data.batch_size // 2, 1)}"
             ) from None
         finally:
-            if batches is not None:  # shut the loader's workers down now, not at interpreter exit
+            writer.wait(raise_error=False)  # a run stopping on an error still finishes the write in flight
+            if batches is not None:
                 batches.close()
+            loader.close()  # shut the loader's workers down now, not at interpreter exit
             dash.close()
             if metrics_file:
                 metrics_file.close()
             if tb is not None:
                 tb.close()
 
+    last_ckpt = writer.last
     result = {"out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
               "metrics": str(out_dir / "metrics.jsonl"), "step": step, "ended": ended,
               "skipped_steps": skipped, "fp16_overflows": overflows, "signal": stop.signum, "model": model,

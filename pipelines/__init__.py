@@ -14,6 +14,13 @@ The trainer's whole interface::
     loader.steps_per_epoch             # identical on every rank, and for both kinds
     for v1, v2 in loader.epoch(epoch, start_step=0):
         ...  # (B, 3, S1, S1), (B, 3, S2, S2): float32, ImageNet-normalised, channels_last, on device
+    loader.close()                     # the end of a run: workers and pipelines built ahead go
+
+- Epoch boundaries cost nothing: calling `epoch(e + 1)` after epoch e ran to its end goes on
+  from batches already prepared (the reference loader's workers span epochs; DALI builds the
+  next epoch's pipeline, and runs its first batch, while the last batches of e are consumed).
+  `span_epochs=False` starts each epoch afresh instead (what `fastemd profile e2e --epochs`
+  measures as "before").
 
 - `resolve_sources` raises `DataError` (a ValueError) naming the path and what was expected:
   missing path, malformed json, no images.
@@ -54,6 +61,7 @@ def build_two_view_loader(
     on_bad_file: str = "skip",
     drop_last: bool = True,
     dtype: torch.dtype = torch.float32,
+    span_epochs: bool = True,
 ):
     if on_bad_file not in ("skip", "stop"):
         raise ValueError(f"on_bad_file must be 'skip' or 'stop', not {on_bad_file!r}")
@@ -62,7 +70,7 @@ def build_two_view_loader(
     common = dict(
         batch_size=batch_size, view_sizes=tuple(view_sizes), crop_scale_min=crop_scale_min, rank=rank,
         world_size=world_size, seed=seed, device=device, workers=workers, on_bad_file=on_bad_file,
-        drop_last=drop_last, dtype=dtype,
+        drop_last=drop_last, dtype=dtype, span_epochs=span_epochs,
     )
     if kind == "dali":
         from .dali_views import DaliTwoViewLoader

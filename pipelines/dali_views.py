@@ -10,9 +10,12 @@ Ops with p < 1 are skipped per sample through DALI conditionals (``if coin:`` be
 is folded into the final normalisation, which mirrors for free.
 
 Determinism and resume: the loader (not DALI's reader) decides which files a rank reads (the
-epoch plan of `sources.epoch_shard`, also used by the reference loader), and the pipeline is
-built at each epoch with the rank's list and a seed from (seed, epoch, rank, 0). So the same
-seed gives the same images in the same batches and the same augmentations. Pipelines are built
+epoch plan of `sources.epoch_shard`, also used by the reference loader), and each epoch has a
+pipeline of its own, built with the rank's list and a seed from (seed, epoch, rank, 0). So the
+same seed gives the same images in the same batches and the same augmentations. The next
+epoch's pipeline is built in a thread, and its first batch run, while the trainer consumes the
+last batches of the one before (`_prepare_ahead`): an epoch boundary does not wait for a build
+and an empty prefetch queue. Pipelines are built
 with DALI checkpointing on: `state_dict()` returns the position (epoch, batches yielded) and the
 live pipeline's own checkpoint (its reader's position and every random generator, ~2.5 kB), and
 after `load_state_dict(state)`, `epoch(e, start_step)` at that position rebuilds the pipeline
@@ -143,7 +146,7 @@ class DaliTwoViewLoader:
     def __init__(
         self, files, *, batch_size, view_sizes=(224, 224), crop_scale_min=0.08, rank=0, world_size=1,
         seed=0, device="cpu", workers=4, hw_decoder_load=0.65, on_bad_file="skip", drop_last=True,
-        dtype=torch.float32, prefetch=2,
+        dtype=torch.float32, prefetch=2, span_epochs=True,
     ):
         if not HAVE_DALI:
             raise RuntimeError("kind='dali' needs NVIDIA DALI: pip install fastemd[dali] (or use kind='torch')")
@@ -154,6 +157,7 @@ class DaliTwoViewLoader:
         self.seed, self.drop_last, self.workers, self.prefetch = seed, drop_last, workers, prefetch
         self.device, self.dtype, self.on_bad_file = torch.device(device), dtype, on_bad_file
         self.hw_decoder_load = hw_decoder_load
+        self.span_epochs = span_epochs  # False: no pipeline built ahead (`fastemd profile e2e`'s "before")
         self.recipes = byol_recipes(view_sizes, crop_scale_min)
         self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
         self.skipped_files = 0
@@ -162,6 +166,7 @@ class DaliTwoViewLoader:
         self._screener: threading.Thread | None = None
         self._live: dict | None = None  # the running epoch: position and pipeline, for state_dict()
         self._resume: dict | None = None  # a saved state, used by the epoch() call at its position
+        self._ahead: dict | None = None  # the next epoch's pipeline, built while this one ends
 
     def shard(self, epoch: int) -> np.ndarray:
         return epoch_shard(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, epoch, self.drop_last)
@@ -237,11 +242,8 @@ class DaliTwoViewLoader:
                 self._screened[path] = screen(path)  # dict stores are atomic; a race only repeats one read
 
     def epoch(self, epoch: int, start_step: int = 0, with_params: bool = False):
-        files = self._rank_files(epoch)
-        self._screen(files)
-        for i, path in enumerate(files):
-            if path in self._bad:
-                files[i] = self._replacement(files, i)
+        ahead, self._ahead = self._take_ahead(epoch, start_step, with_params), None
+        files = ahead["files"] if ahead else self._epoch_files(epoch)
         resume, self._resume = self._resume, None
         base, checkpoint = start_step, None
         if resume is not None and (resume["epoch"], resume["step"]) == (epoch, start_step) and "dali" in resume:
@@ -254,20 +256,25 @@ class DaliTwoViewLoader:
         # this generator's own dict: a closed generator's `finally` never touches a newer epoch's
         live = self._live = {"epoch": epoch, "step": step, "base_step": base, "pipe": None}
         while step < self.steps_per_epoch:
-            pipe = self._build(files[base * self.batch_size:], derived_seed(self.seed, epoch, self.rank, base),
-                               with_params, checkpoint)
-            live.update(base_step=base, pipe=pipe)
+            if ahead:  # built (and its first batch run) while the last epoch ended
+                pipe, first, ahead = ahead["pipe"], ahead["first"], None
+            else:
+                pipe, first = self._build(files[base * self.batch_size:], derived_seed(self.seed, epoch, self.rank, base),
+                                          with_params, checkpoint), None
             try:
                 while step < self.steps_per_epoch:
                     try:
-                        outputs = pipe.run()
+                        outputs = first if first is not None else pipe.run()
+                        first = None
                     except RuntimeError as error:
                         self._recover(files, step, error)
                         base, checkpoint = step, None
                         break  # the pipeline is dead after an error: rebuild at `step`
                     step += 1
-                    live["step"] = step
+                    live.update(step=step, base_step=base, pipe=pipe)
                     views = tuple(self._to_torch(out) for out in outputs[:2])
+                    if self.span_epochs and not with_params and step == max(1, self.steps_per_epoch - self.prefetch):
+                        self._prepare_ahead(epoch + 1)  # this pipeline has scheduled its last batches
                     if with_params:
                         yield (*views, [out.as_array() for out in outputs[2:]])
                     else:
@@ -275,6 +282,52 @@ class DaliTwoViewLoader:
             finally:
                 live["pipe"] = None
                 del pipe
+
+    def _epoch_files(self, epoch: int) -> list[str]:
+        """The rank's files of `epoch`, screened, each known-bad one swapped for a usable one."""
+        files = self._rank_files(epoch)
+        self._screen(files)
+        for i, path in enumerate(files):
+            if path in self._bad:
+                files[i] = self._replacement(files, i)
+        return files
+
+    def _prepare_ahead(self, epoch: int) -> None:
+        """Build `epoch`'s pipeline in a thread and run its first batch, while the trainer works
+        through the last batches of the epoch before: at the boundary the next batch is ready (a
+        build on the GPU is decoder and buffer set-up, then a whole batch's decode). Anything
+        that goes wrong there (a bad file, a failed build) leaves it to `epoch` to do as usual."""
+        ahead = {"epoch": epoch, "files": None, "pipe": None, "first": None, "error": None}
+
+        def build():
+            try:
+                files = ahead["files"] = self._epoch_files(epoch)
+                pipe = ahead["pipe"] = self._build(files, derived_seed(self.seed, epoch, self.rank, 0))
+                ahead["first"] = pipe.run()  # host-synchronous outputs, valid until the next run()
+            except BaseException as e:  # noqa: BLE001 - reported by the normal path, if at all
+                ahead["error"] = e
+
+        if self._ahead is not None:
+            return
+        ahead["thread"] = threading.Thread(target=build, name="fastemd-dali-ahead", daemon=True)
+        ahead["thread"].start()
+        self._ahead = ahead
+
+    def _take_ahead(self, epoch: int, start_step: int, with_params: bool) -> dict | None:
+        ahead = self._ahead
+        if ahead is None:
+            return None
+        ahead["thread"].join()
+        usable = (ahead["error"] is None and (ahead["epoch"], start_step) == (epoch, 0) and not with_params
+                  and (self._resume is None or "dali" not in self._resume)
+                  and not any(path in self._bad for path in ahead["files"]))  # none found bad since
+        return ahead if usable else None
+
+    def close(self) -> None:
+        """Drop the pipeline built ahead, if any (the end of a run)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead["thread"].join()
 
     def _recover(self, files: list[str], step: int, error: Exception) -> None:
         # The error may come from a prefetched batch: look at every batch DALI may have started.

@@ -19,6 +19,7 @@ uninterrupted run would have produced, whatever the worker count.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import math
 import signal
@@ -258,14 +259,28 @@ def start_workers(loader: torch.utils.data.DataLoader):
     return batch_iter
 
 
+def _batch_plan(n_files, batch_size, rank, world_size, seed, drop_last, epoch, start_step, epochs=None):
+    """The keys of every batch from (epoch, start_step) on, epoch after epoch, drawn lazily by
+    the DataLoader. A function of plain values: the stream holds no reference to its loader, so
+    a loader dropped without `close()` frees its workers at once (no reference cycle to wait
+    for the garbage collector, which shut them down ~10 s each)."""
+    first = start_step
+    for e in itertools.count(epoch) if epochs is None else range(epoch, epoch + epochs):
+        shard = epoch_shard(n_files, batch_size, rank, world_size, seed, e, drop_last)
+        for step in range(first, len(shard)):
+            yield [(int(index), e, step, slot) for slot, index in enumerate(shard[step])]
+        first = 0
+
+
 class TorchTwoViewLoader:
     """Reference loader with the interface of `build_two_view_loader`."""
 
     def __init__(
         self, files, *, batch_size, view_sizes=(224, 224), crop_scale_min=0.08, rank=0, world_size=1,
-        seed=0, device="cpu", workers=4, on_bad_file="skip", drop_last=True, dtype=torch.float32,
+        seed=0, device="cpu", workers=4, on_bad_file="skip", drop_last=True, dtype=torch.float32, span_epochs=True,
     ):
         self.files = list(files)
+        self.span_epochs = span_epochs  # False: workers forked for each epoch (`fastemd profile e2e`'s "before")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.drop_last, self.workers = seed, drop_last, workers
         self.device, self.dtype, self.on_bad_file = torch.device(device), dtype, on_bad_file
@@ -273,6 +288,8 @@ class TorchTwoViewLoader:
         self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
         self.skipped_files = 0
         self._dataset = _TwoViewDataset(self.files, self.recipes, seed, rank)
+        self._stream = None  # the DataLoader iterator that spans epochs (`epoch`)
+        self._position = (0, 0)  # (epoch, step) of the stream's next batch
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
 
@@ -288,26 +305,42 @@ class TorchTwoViewLoader:
         pass  # see state_dict; a DALI state (data.loader changed) has nothing this loader can use
 
     def epoch(self, epoch: int, start_step: int = 0):
-        shard = self.shard(epoch)
-        batches = [
-            [(int(index), epoch, step, slot) for slot, index in enumerate(shard[step])]
-            for step in range(start_step, len(shard))
-        ]
-        loader = torch.utils.data.DataLoader(
-            self._dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
-            worker_init_fn=ignore_stop_signals,
-        )
-        batch_iter = start_workers(loader)
-        for step, (v1, v2, failures) in enumerate(batch_iter, start=start_step):
+        """The batches of `epoch` from `start_step` on. Epochs come from one stream of batches
+        with one set of workers: when this epoch ends, the workers are already decoding the next
+        one's first batches (no re-fork, no empty prefetch queue at the epoch boundary). The
+        stream is kept while each call starts where the last one ended; any other position
+        starts a new one."""
+        if self._stream is None or self._position != (epoch, start_step) or not self.span_epochs:
+            self.close()
+            self._stream = self._start_stream(epoch, start_step)
+        for step in range(start_step, self.steps_per_epoch):
+            v1, v2, failures = next(self._stream)
+            self._position = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
             for path, reason in failures:
                 if self.on_bad_file == "stop":
                     raise BadImageError(path, reason)
                 log.warning("skipped %s: %s (replaced by another image of its batch)", shown(path), reason)
                 self.skipped_files += 1
             if v1 is None:
-                v1, v2 = self._refill(shard, epoch, step)
+                v1, v2 = self._refill(self.shard(epoch), epoch, step)
             yield self._finish(v1), self._finish(v2)
+
+    def _start_stream(self, epoch: int, start_step: int):
+        plan = _batch_plan(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, self.drop_last,
+                           epoch, start_step, None if self.span_epochs else 1)
+        loader = torch.utils.data.DataLoader(
+            self._dataset, batch_sampler=plan, num_workers=self.workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
+            worker_init_fn=ignore_stop_signals,
+        )
+        self._position = (epoch, start_step)
+        return start_workers(loader)
+
+    def close(self) -> None:
+        """Shut the workers down (the end of a run, or a jump to another position)."""
+        stream, self._stream = self._stream, None
+        if stream is not None and hasattr(stream, "_shutdown_workers"):
+            stream._shutdown_workers()
 
     def _refill(self, shard: np.ndarray, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch whose images all failed: the next decodable images of this rank's shard, in

@@ -87,3 +87,100 @@ def test_the_file_and_its_folder_are_fsynced_before_the_rename_counts(tmp_path, 
     path = save_checkpoint(_state(4), tmp_path, 4, keep_last=1)
     tmp = str(path) + ".tmp"
     assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(path.parent))]
+
+
+# ---- CheckpointWriter: the write in the background --------------------------------------------
+
+
+def _blocking_save(monkeypatch, gate, log):
+    """save_checkpoint that records how many writes run at once and waits for `gate`."""
+    import threading
+
+    real, lock, running = ckpt.save_checkpoint, threading.Lock(), [0]
+
+    def save(state, out_dir, step, keep_last):
+        with lock:
+            running[0] += 1
+            log.append(running[0])
+        gate.wait(timeout=30)
+        try:
+            return real(state, out_dir, step, keep_last)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+
+
+def test_the_writer_saves_the_state_as_it_was_at_save_time(tmp_path, monkeypatch):
+    import threading
+
+    gate, log = threading.Event(), []
+    _blocking_save(monkeypatch, gate, log)
+    weights = torch.arange(12.0).reshape(3, 4)
+    momentum = torch.ones(5)
+    writer = ckpt.CheckpointWriter(tmp_path, keep_last=2)
+    writer.save({"model": {"w": weights}, "optimizer": {"state": {0: {"m": momentum}}}, "step": 1, "config": {},
+                 "rng": [torch.tensor([7])]}, 1)
+    assert writer.last is None  # still in flight: the write waits for the gate
+    weights.mul_(-1)  # the next optimizer step changes the live tensors in place
+    momentum.zero_()
+    gate.set()
+    assert writer.wait() == ckpt.checkpoint_path(tmp_path, 1)
+    state = ckpt.load_checkpoint(writer.last)
+    assert torch.equal(state["model"]["w"], torch.arange(12.0).reshape(3, 4))
+    assert torch.equal(state["optimizer"]["state"][0]["m"], torch.ones(5))
+    assert state["rng"][0].item() == 7 and state["step"] == 1
+
+
+def test_the_writer_never_has_two_writes_in_flight_and_reuses_its_buffers(tmp_path, monkeypatch):
+    import threading
+
+    gate, log = threading.Event(), []
+    _blocking_save(monkeypatch, gate, log)
+    writer = ckpt.CheckpointWriter(tmp_path, keep_last=3)
+    w = torch.zeros(4, 4)
+    writer.save({"model": {"w": w}, "optimizer": {}, "step": 1, "config": {}}, 1)
+    buffer = writer._buffers[("model", "w")]
+    second = threading.Thread(target=writer.save, args=({"model": {"w": w + 2}, "optimizer": {}, "step": 2,
+                                                         "config": {}}, 2))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # the second save waits for the first write
+    gate.set()
+    second.join(timeout=30)
+    writer.wait()
+    assert log == [1, 1]  # one write at a time
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001.pt", "step_00000002.pt"]
+    assert writer._buffers[("model", "w")] is buffer  # allocated once, refilled
+    assert ckpt.load_checkpoint(list_checkpoints(tmp_path)[0])["model"]["w"].eq(0).all()
+    assert ckpt.load_checkpoint(list_checkpoints(tmp_path)[1])["model"]["w"].eq(2).all()
+
+
+def test_a_failed_background_write_is_raised_later_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    writer = ckpt.CheckpointWriter(tmp_path, keep_last=1)
+    writer.save(_state(1), 1)
+    writer.wait()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # the bytes are written, the fsync-and-rename never happens
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    writer.save(_state(2), 2)  # returns at once: the write fails in the thread
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"checkpoint of step 2 \(No space left on device\)"):
+        writer.wait()
+    writer.wait()  # reported once
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    assert writer.last.name == "step_00000001.pt"
+    assert ckpt.load_checkpoint(writer.last)["model"]["w"].eq(1).all()
+
+
+def test_the_foreground_writer_is_done_when_save_returns(tmp_path):
+    writer = ckpt.CheckpointWriter(tmp_path, keep_last=1, background=False)
+    writer.save(_state(3), 3)
+    assert writer._thread is None and writer.last == ckpt.checkpoint_path(tmp_path, 3)
+    assert writer.snapshot_s > 0

@@ -86,6 +86,36 @@ def test_same_seed_same_views(tmp_path):
     assert not torch.equal(a[0][0], c[0][0])
 
 
+def test_the_next_epochs_pipeline_is_built_ahead_with_the_same_views(tmp_path):
+    """While epoch 0's last batches are consumed, epoch 1's pipeline is built and its first batch
+    run in a thread: at the boundary it is ready, and its views are those a pipeline built at
+    the boundary (a fresh loader) gives."""
+    files = _dataset(tmp_path, n=16)
+    loader = _loader(files)
+    epoch0 = loader.epoch(0)
+    got0 = [next(epoch0) for _ in range(loader.steps_per_epoch)]
+    ahead = loader._ahead
+    assert ahead is not None and ahead["epoch"] == 1
+    ahead["thread"].join(timeout=60)
+    assert ahead["error"] is None and ahead["first"] is not None  # its first batch already run
+    got1 = list(loader.epoch(1))
+    assert loader._ahead is not None and loader._ahead["epoch"] == 2  # and epoch 2's, near epoch 1's end
+    for epoch, got in ((0, got0), (1, got1)):
+        fresh = list(_loader(files).epoch(epoch))
+        assert len(got) == len(fresh) == 4
+        for (a1, a2), (b1, b2) in zip(got, fresh):
+            assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    loader.close()
+    assert loader._ahead is None
+    # asked for another position (a run resumed mid-epoch), the pipeline built ahead is not used
+    other = _loader(files)
+    list(other.epoch(0))
+    assert other._ahead is not None
+    skipped_to = next(iter(other.epoch(1, start_step=2)))[0]
+    assert torch.equal(skipped_to, next(iter(_loader(files).epoch(1, start_step=2)))[0])
+    assert not torch.equal(skipped_to, got1[2][0])  # re-seeded at step 2 (no state given): not the ahead one
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_reads_the_planned_files_and_resumes_at_the_same_batch(tmp_path, world_size):
     files = _dataset(tmp_path, n=14)  # uneven: 14 images, global batch 4 x world_size

@@ -96,3 +96,25 @@ def test_bad_runtime_choices_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["make-demo-data", str(tmp_path / "afile")]) == 2
     assert "fastemd make-demo-data: error:" in capsys.readouterr().err
+
+
+def test_profile_e2e_epoch_boundaries_before_and_after(tmp_path, capsys):
+    """`--epochs`: both modes in one run, a boundary per epoch after the first, the figures
+    consistent with one another (their size is BENCHMARKS.md's business, not a test's)."""
+    demo = make_demo_data(tmp_path, num_images=24)
+    args = ["profile", "e2e", "--device", "cpu", "--preset", "demo", "--batch", "4", "--epochs", "3", "--images", "16",
+            *TINY, "data.loader=torch", "data.workers=1", f"data.sources={demo}"]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["images"], result["steps_per_epoch"], result["epochs"]) == (16, 4, 3)
+    assert list(result["boundaries"]) == ["before", "after", "after, no checkpoint"]
+    for mode, m in result["boundaries"].items():
+        assert len(m["boundary_step_ms"]) == 2  # the starts of epochs 1 and 2
+        assert m["stall_pct_of_epoch"] == pytest.approx(100 * m["stall_ms"] / (4 * m["ms_per_step"]))
+        if mode == "after, no checkpoint":
+            assert m["checkpoint_blocking_ms"] is None and m["checkpoint_mb"] is None
+        else:
+            assert m["checkpoint_blocking_ms"] > 0 and m["checkpoint_mb"] > 0.1
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "epoch boundaries: loader torch, 16 images" in out and "before" in out and "after" in out

@@ -9,12 +9,15 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastemd.checkpoint import list_checkpoints, load_checkpoint
 from fastemd.demo_data import make_demo_data
@@ -118,3 +121,59 @@ def test_readme_torchrun_multi_node_rendezvous(demo_json, tmp_path):
     assert "--rdzv_backend=c10d" in cmd and f"--rdzv_endpoint=127.0.0.1:{port}" in cmd
     proc = subprocess.run([*cmd, *TINY], capture_output=True, text=True, timeout=300, cwd=ROOT, env=_torchrun_env())
     _check_two_rank_run(proc, out)
+
+
+def _readme_slurm_command(data: str, out: Path, port: int) -> list[str]:
+    """README's SLURM line (`srun torchrun ... --resume auto`), as the one task of a one-node job
+    with 2 gloo ranks: srun and SLURM's variables filled in, the data and out_dir swapped."""
+    cmd = _readme_command("srun torchrun")
+    assert cmd[0] == "srun" and "--resume" in cmd and cmd[cmd.index("--resume") + 1] == "auto"
+    subs = {"--nnodes=$SLURM_NNODES": "--nnodes=1", "--nproc_per_node=8": "--nproc_per_node=2",
+            "--rdzv_endpoint=$head:29500": f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=$SLURM_JOB_ID": "--rdzv_id=7"}
+    cmd = [subs.get(c, c) for c in cmd[1:]]
+    assert not [c for c in cmd if "$" in c], cmd
+    cmd = [re.sub(r"^--data\.sources=.*", f"--data.sources={data}", c) for c in cmd]
+    return [re.sub(r"^--train\.out_dir=.*", f"--train.out_dir={out}", c) for c in cmd]
+
+
+def test_readme_slurm_line_group_sigterm_checkpoints_at_once_and_resumes_exactly(tmp_path):
+    """Preemption under torchrun: a group SIGTERM (scancel, SLURM's --signal) reaches torchrun and
+    both ranks. The ranks agree on stopping in the step's own reduction, so they stop within a
+    step or two, not at the next log step (log.every is huge here: the run logs only at epoch
+    ends), write a checkpoint, and the same command, run again as SLURM's requeue does,
+    continues exactly: its final weights equal those of a run never stopped."""
+    data = str(make_demo_data(tmp_path / "data", num_images=128, seed=1))  # 16 steps an epoch at 2 x 4
+    run = [*TINY, "--log.every=100000", "--train.epochs=3", "--train.max_steps=40"]
+
+    def launch(out: Path, **kw):
+        cmd = [*_readme_slurm_command(data, out, _free_port()), *run]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                env=_torchrun_env(), **kw)
+
+    stopped = tmp_path / "stopped"
+    proc = launch(stopped, start_new_session=True)  # its own process group, as srun's task
+    metrics, deadline = stopped / "metrics.jsonl", time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)  # the first log row: the end of epoch 0, step 16
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM" in output, output[-3000:]
+    assert "forcefully exiting" not in output  # torchrun never had to SIGKILL a rank
+    state = load_checkpoint(list_checkpoints(stopped)[-1])
+    assert 16 < state["step"] < 32, state["step"]  # not at the next log step (the end of epoch 1)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, state["step"] - 16)
+    assert len(state["data"]) == 2
+
+    resumed = launch(stopped)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"resumed from {list_checkpoints(stopped)[0]}" in output or "resumed from" in output
+    straight = tmp_path / "straight"
+    reference = launch(straight)
+    output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, output[-3000:]
+    a = load_checkpoint(list_checkpoints(stopped)[-1])
+    b = load_checkpoint(list_checkpoints(straight)[-1])
+    assert a["step"] == b["step"] == 40
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

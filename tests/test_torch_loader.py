@@ -61,6 +61,30 @@ def test_same_seed_same_views_and_exact_resume(tmp_path):
     assert not torch.equal(full[0][0], other_seed[0][0])
 
 
+def test_epochs_run_back_to_back_on_the_same_workers_with_the_same_batches(tmp_path):
+    """At an epoch boundary the workers are not re-forked: one DataLoader iterator spans the
+    epochs (it was already decoding epoch 1 while epoch 0 ended), and what it gives is what a
+    fresh loader gives for each epoch on its own."""
+    files = _dataset(tmp_path)
+    loader = _loader(files, workers=2)
+    first = list(loader.epoch(0))
+    stream = loader._stream
+    pids = [w.pid for w in stream._workers]
+    second = list(loader.epoch(1))
+    assert loader._stream is stream and [w.pid for w in stream._workers] == pids and all(w.is_alive() for w in stream._workers)
+    for epoch, got in ((0, first), (1, second)):
+        fresh = list(_loader(files, workers=0).epoch(epoch))
+        assert len(got) == len(fresh) == 3
+        for (a1, a2), (b1, b2) in zip(got, fresh):
+            assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    # a run that resumes elsewhere (or stops mid-epoch and asks again) gets a new stream there
+    it = loader.epoch(1, start_step=1)
+    assert torch.equal(next(it)[0], second[1][0]) and loader._stream is not stream
+    assert not any(w.is_alive() for w in stream._workers)  # the old one was shut down
+    loader.close()
+    assert loader._stream is None
+
+
 def test_bad_file_skip_and_stop(tmp_path, caplog):
     files = _dataset(tmp_path, n=8)
     bad = tmp_path / "broken.jpg"

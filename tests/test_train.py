@@ -80,6 +80,9 @@ class _StatefulLoader:
             self.batches += 1
             yield v1 + 0.05 * self.batches, v2
 
+    def close(self):
+        self.inner.close()
+
 
 def test_resume_restores_the_loaders_own_state(demo_json, tmp_path, monkeypatch):
     """Whatever the loader (this one needs no DALI): its state_dict travels in the checkpoint and
@@ -101,7 +104,7 @@ def test_resume_restores_the_loaders_own_state(demo_json, tmp_path, monkeypatch)
 @pytest.mark.parametrize("loader, stop, position", [
     ("torch", ["train.max_steps=6"], (6, 1, 2)),  # the final checkpoint of a run cut short mid-epoch 1
     ("torch", ["train.max_steps=6", "train.ckpt_every=3"], (6, 1, 2)),  # a periodic checkpoint mid-epoch
-    ("torch", ["train.max_steps=8"], (8, 1, 4)),  # the checkpoint at the end of epoch 1
+    ("torch", ["train.max_steps=8"], (8, 2, 0)),  # the final checkpoint at the end of epoch 1: epoch 2 next
     ("dali", ["train.max_steps=6"], (6, 1, 2)),  # DALI: its pipeline's checkpoint, in the training one
 ], ids=["final", "periodic", "epoch-end", "dali"])
 def test_resume_is_exact(demo_json, tmp_path, loader, stop, position):
@@ -127,9 +130,9 @@ def test_resume_is_exact(demo_json, tmp_path, loader, stop, position):
         assert torch.equal(sa[key], sb[key]), key
 
 
-def test_checkpoints_every_n_steps_and_epoch_end_keep_last(demo_json, tmp_path):
+def test_checkpoints_every_n_steps_not_at_epoch_ends_keep_last(demo_json, tmp_path):
     train(tiny_cfg(demo_json, tmp_path, "train.max_steps=7", "train.ckpt_every=3", "train.keep_last=2"))
-    # saved at 3, 4 (epoch end), 6, 7 (end); the newest two kept
+    # saved at 3, 6, 7 (the end), not at 4 (an epoch end); the newest two kept
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006.pt", "step_00000007.pt"]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     state = load_checkpoint(list_checkpoints(tmp_path)[-1])
@@ -461,7 +464,9 @@ def recording_build(files, **kw):  # what this rank was asked to read in epoch 0
 pipelines.build_two_view_loader = recording_build
 result = train(resolve("demo", None, overrides))
 params = {k: v.detach() for k, v in result["model"].named_parameters()}  # buffers: per-rank BN statistics
-torch.save({"model": result["model"].state_dict(), "params": params, **seen}, f"{result_dir}/rank{os.environ['RANK']}.pt")
+modules = [type(m).__name__ for m in result["model"].modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+torch.save({"model": result["model"].state_dict(), "params": params, "modules": modules, **seen},
+           f"{result_dir}/rank{os.environ['RANK']}.pt")
 """
 
 
@@ -469,8 +474,10 @@ def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
     """Two gloo ranks under torchrun (env://), as users launch it."""
     script = tmp_path / "ddp_worker.py"
     script.write_text(_DDP_SCRIPT)
+    # train.ckpt_minutes ~0: a wall-clock checkpoint due at every step, by rank 0's clock; every
+    # rank must join its gather at the same steps (they agree in the step's reduction), or it hangs
     overrides = [*TINY, f"data.sources={demo_json}", f"train.out_dir={tmp_path / 'run'}",
-                 "train.max_steps=3", "data.batch_size=4"]
+                 "train.max_steps=3", "data.batch_size=4", "train.ckpt_minutes=1e-9", "train.keep_last=5"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            str(script), *overrides, str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -479,11 +486,19 @@ def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
     assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
     a, b = set(sum(r0["shard"], [])), set(sum(r1["shard"], []))
     assert len(a) == len(b) == 16 and not a & b and a | b == set(range(32))  # each rank its own half
-    # Parameters (online, predictors, and the EMA target) agree to the bit. BatchNorm running
-    # statistics are each rank's own on CPU (plain BN; SyncBatchNorm on CUDA shares them).
+    # Parameters (online, predictors, and the EMA target) agree to the bit, and so do the
+    # BatchNorm running statistics: synchronised BatchNorm (fastemd.sync_bn, on gloo too) computes
+    # them from the same all-reduced sums on every rank, which is why DDP runs with
+    # broadcast_buffers=False.
     assert r0["params"].keys() == r1["params"].keys() and len(r0["params"]) > 100
     for key in r0["params"]:
         assert torch.equal(r0["params"][key], r1["params"][key]), key
+    buffers = [k for k in r0["model"] if "running_" in k]
+    assert len(buffers) > 40
+    for key in buffers:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+    assert set(r0["modules"]) == {"SyncBatchNorm1d", "SyncBatchNorm2d"}
+    assert "`broadcast_buffers` is deprecated" not in proc.stderr  # torch 2.13's name for it is used there
     # the ranks trained (LARS moved the weights) rather than sitting at the shared initial weights
     from fastemd.model import SelfEMD
 
@@ -491,7 +506,9 @@ def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
     cfg = tiny_cfg(demo_json, tmp_path)
     fresh = SelfEMD(cfg.model, cfg.loss).state_dict()
     assert not torch.equal(fresh["online.backbone.conv1.weight"], r0["model"]["online.backbone.conv1.weight"])
-    assert len(list_checkpoints(tmp_path / "run")) == 1  # rank 0 alone writes
+    saved = list_checkpoints(tmp_path / "run")  # rank 0 alone writes; by time, at steps 1, 2 and 3
+    assert [load_checkpoint(p)["step"] for p in saved] == [1, 2, 3]
+    assert all(len(load_checkpoint(p)["data"]) == 2 for p in saved)
     assert proc.stdout.count("fastemd: finished") == 1  # rank 0 alone prints
 
 
@@ -606,3 +623,70 @@ def test_training_runs_without_torch_foreach_clone(demo_json, tmp_path, monkeypa
     monkeypatch.delattr(torch, "_foreach_clone", raising=False)
     result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=3"))
     assert result["ended"] == "finished" and result["step"] == 3
+
+
+class _ForeachCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten._foreach_* call, and whether its tensor lists meet the conditions of the
+    foreach fast path (one kernel over many tensors on CUDA; CPU always loops, so the conditions
+    are checked, not timed): one device and dtype over all lists, corresponding tensors of the
+    lists of the same sizes and strides, every tensor dense. A call that misses them runs a
+    kernel per tensor on the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []  # (op name, tensors per list, why it is not fast or None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name.startswith("_foreach_"):
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+            self.calls.append((name, len(lists[0]), self._why_slow(lists)))
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _why_slow(lists):
+        tensors = [t for lst in lists for t in lst]
+        if len({(t.device, t.dtype) for t in tensors}) > 1:
+            return "mixed dtypes or devices: " + ", ".join(sorted({str(t.dtype) for t in tensors}))
+        for column in zip(*lists):
+            if len({(tuple(t.shape), t.stride()) for t in column}) > 1:
+                return f"sizes differ between lists: {[tuple(t.shape) for t in column]}"
+        if not all(t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+            return "a tensor is not dense"
+        return None
+
+
+def test_the_steps_foreach_calls_take_the_fast_path_but_one(demo_json, tmp_path):
+    """A training step's multi-tensor work (finite check, BatchNorm snapshot, LARS, EMA) is
+    foreach calls whose lists qualify for the fast path. The one known exception is LARS
+    multiplying each update by its trust ratio, a 0-d tensor per parameter (torch has no
+    fast foreach op for device scalars per tensor; the alternative is a host read): stated here
+    so that any other call falling off the fast path (say the BatchNorm snapshot mixing fp32
+    statistics and int64 counters, ~336 copies a step for ResNet-50) fails this test."""
+    with _ForeachCalls() as seen:
+        train(tiny_cfg(demo_json, tmp_path, "train.max_steps=1"))
+    names = {name for name, _, _ in seen.calls}
+    assert {"_foreach_norm", "_foreach_copy_", "_foreach_add_", "_foreach_mul_"} <= names, names
+    slow = [(name, n, why) for name, n, why in seen.calls if why]
+    assert slow and all(name in ("_foreach_mul", "_foreach_mul_") and "sizes differ" in why and "()" in why
+                        for name, _, why in slow), slow
+    assert len(slow) == 1  # one LARS group has the trust ratio (the other, 1-D parameters, has none)
+    copies = [n for name, n, _ in seen.calls if name == "_foreach_copy_"]
+    assert len(copies) == 2  # the BatchNorm snapshot: one call for the fp32 statistics, one for the int64 counters
+
+
+def test_buffer_snapshot_groups_by_dtype_and_restores(demo_json, tmp_path):
+    from fastemd.model import SelfEMD
+    from fastemd.train import BufferSnapshot
+
+    cfg = tiny_cfg(demo_json, tmp_path)
+    model = SelfEMD(cfg.model, cfg.loss)
+    snapshot = BufferSnapshot(model)
+    assert sorted(str(live[0].dtype) for live, _ in snapshot.groups) == ["torch.float32", "torch.int64"]
+    assert sum(len(live) for live, _ in snapshot.groups) == len(list(model.buffers()))
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    snapshot.save()
+    model(torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64))  # a train-mode forward moves every statistic
+    assert not all(torch.equal(before[k], v) for k, v in model.named_buffers())
+    snapshot.restore()
+    assert all(torch.equal(before[k], v) for k, v in model.named_buffers())
