@@ -10,7 +10,7 @@
 # Then, on a warm machine, one call per part, back to back (a machine goes back after 30 s idle):
 #   run(command="true",                       carry=[".device/part1"])
 #   run(command="true",                       carry=[".device/part2"])   ...
-#   run(command="tools/gpu_check.sh /tmp/gc", carry=[".device/partN"])
+#   run(command="tools/gpu_check.sh /tmp/gc $OUT", carry=[".device/partN"])
 # Ignored paths a call does not name stay on the machine, so the last call finds every part;
 # gpu_check.sh checks the sum and unpacks them into the interpreter's site-packages.
 #

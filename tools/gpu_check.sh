@@ -1,149 +1,415 @@
 #!/usr/bin/env bash
-# The GPU check: on a machine with one H100/H200, in at most ~9 minutes (each part has a timeout),
-#   1. the gpu-marked tests,
-#   2. fastemd profile emd   (eager / compiled torch / Triton / POT),
-#   3. fastemd profile step  (the optimisation ladder at batch 256, ResNet-50, 224/224, bf16) + batch sweep,
-#   4. fastemd profile e2e   (DALI when installed, else the reference loader: said so in the table),
-#   5. fastemd profile data  (DALI gpu vs the reference loader, when DALI is installed),
-# then a short table. Full logs and JSON go into LOGDIR.
+# shellcheck disable=SC2054,SC2317  # comma lists are CLI values; finish runs from a trap
+# The GPU check: on a lent machine with one H100/H200, in one device-tool call (10 minutes at most),
+# within a budget of FASTEMD_GPU_CHECK_BUDGET seconds (default 480) from the script's start.
+# The most important figures first; each part has its own timeout (`timeout -k 10`), never more
+# than what is left of the budget (a part with too little left is skipped, said so):
 #
-#   usage: tools/gpu_check.sh LOGDIR          (PYTHON=python3 by default; FASTEMD_GPU_CHECK_QUICK=1
-#                                              shrinks every size, to test this script on a CPU)
+#   part (timeout s)         what
+#   install (60)             pip install --no-deps -e the checkout (only when fastemd does not import)
+#   dali_unpack (60)         the carried DALI bundle, .device/part* (only when it is there: 2nd call)
+#   env (30)                 nvidia-smi, torch/CUDA/triton/DALI versions
+#   tests_gpu (150)          the gpu-marked tests, the CUDA trainer tests (tests/test_train.py) first
+#   profile_emd (60)         Triton EMD against eager torch, B 512/64 x M=N 49/25 (no compile here)
+#   profile_step (180)       the step ladder at batch 256: fp32 > +channels_last > +amp > +triton >
+#                            +compile: triton before compile, so the step is compiled once, Triton inside
+#   demo_data (45)           1024 demo images (a folder: no pycocotools needed)
+#   profile_e2e (45)         the real loader into the amp + Triton step, no compile (img/s, data wait)
+#   e2e_epochs (90)          epoch boundaries before/after issue 13: 3 epochs x 8 steps at batch 128
+#   profile_data (45)        DALI gpu/cpu against the reference loader (only when DALI is installed)
+#   profile_emd_compile (60) the compiled-torch EMD row at the design point B 512, 49x49 (cold compile)
+#   profile_sweep (45)       the largest batch that fits (eager amp + Triton)
+#
+# After every part its log, the status so far and the summary table so far (summary.txt,
+# results.json) are copied into COPY_TO, so that a call cut at its limit still returns what
+# finished; an EXIT trap (also on SIGTERM, SIGINT, SIGHUP) writes the summary of what finished.
+#
+#   usage: tools/gpu_check.sh LOGDIR [COPY_TO]   COPY_TO: default $FASTEMD_GPU_CHECK_OUT, else $OUT
+#          tools/gpu_check.sh --summary LOGDIR   the table of a finished or cut run again
+#   env:   PYTHON (python3), FASTEMD_GPU_CHECK_BUDGET (480 s), FASTEMD_GPU_CHECK_PARTS (a comma list
+#          of the parts above to run, default all; install, dali_unpack, env and demo_data run
+#          when needed), FASTEMD_GPU_CHECK_QUICK=1 (every size tiny, --device cpu: to test this
+#          script on a CPU).
+#   test hook: FASTEMD_GPU_CHECK_TEST_HANG=PART[:SECONDS] replaces PART by a process that ignores
+#          SIGTERM and sleeps, with a timeout of SECONDS (default 1): a part cut by its timeout
+#          (tests/test_gpu_check.py). Never set it on the device.
 set -uo pipefail
-logs=$(mkdir -p "${1:?usage: tools/gpu_check.sh LOGDIR}" && cd "$1" && pwd)
+summary_only=0
+if [ "${1:-}" = "--summary" ]; then summary_only=1; shift; fi
+logs=$(mkdir -p "${1:?usage: tools/gpu_check.sh LOGDIR [COPY_TO]}" && cd "$1" && pwd) || exit 2
 repo=$(cd "$(dirname "$0")/.." && pwd)
-py=${PYTHON:-python3}
+read -ra py <<< "${PYTHON:-python3}"
 quick=${FASTEMD_GPU_CHECK_QUICK:-0}
+budget=${FASTEMD_GPU_CHECK_BUDGET:-480}
+grace=10  # timeout -k: SIGKILL this long after a SIGTERM that did not end the part
 device=cuda; [ "$quick" = 1 ] && device=cpu
-cd "$logs"  # never the checkout: `python -m` would put the source folder fastemd/ first on sys.path
+cd "$logs" || exit 2  # never the checkout: `python -m` would put the source folder fastemd/ first on sys.path
 
-if ! $py -c "import fastemd.kernels, fastemd.pipelines" 2>/dev/null; then
+# The table: written after every part and by the EXIT trap, so it must be quick (json, no torch).
+cat > summarize.py <<'PY'
+import json
+import re
+import sys
+from pathlib import Path
+
+logs, budget, elapsed = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+
+def read(name):
+    try:
+        return (logs / name).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+status = [line.split() for line in read("status.txt").splitlines() if len(line.split()) == 4]
+ran = {s[0] for s in status}
+current = read("current.txt").split()
+commands = dict(line.split("\t", 1) for line in read("commands.txt").splitlines() if "\t" in line)
+env = read("env.log")
+device = next((l.split(" ", 1)[1] for l in env.splitlines() if l.startswith("device ")), "?")
+
+
+def last_json(name):
+    """The part's last JSON line: the final report, else the partial one a cut run left on stderr."""
+    if name not in ran and current[:1] != [name]:
+        return None
+    for line in reversed(read(f"{name}.log").splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def arg(name, flag):
+    words = commands.get(name, "").split()
+    return words[words.index(flag) + 1] if flag in words[:-1] else None
+
+
+def describe(name, code, secs, limit):
+    secs, limit = int(secs), int(limit)
+    if code == "0":
+        return f"ok in {secs} s (limit {limit} s)"
+    if code == "nobudget":
+        return f"SKIPPED: {limit} s left of the {budget} s budget, too little to start"
+    if code == "nodali":
+        return "skipped: DALI is not installed (the optional second call carries it)"
+    if code == "interrupted":
+        return f"INTERRUPTED by a signal after {secs} s: its log so far is kept"
+    if code in ("124", "137") and secs >= limit:
+        how = ", ignored SIGTERM: killed" if code == "137" else ""
+        return f"TIMED OUT at its {limit} s limit ({secs} s{how}): what it finished is below"
+    return f"FAILED: exit {code} after {secs} s, see {name}.log"
+
+
+parts = [(s[0], describe(*s)) for s in status]
+if current:
+    parts.append((current[0], f"RUNNING when this was written (started at {current[2]} s, limit {current[1]} s)"))
+rows, figures = [], {}
+
+# gpu tests: pytest -v prints one line per test, so a cut run still says which passed
+if "tests_gpu" in ran or current[:1] == ["tests_gpu"]:
+    text = read("tests_gpu.log").splitlines()
+    outcomes = re.compile(r"^(\S+?)::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+    tests = [m.groups() for m in map(outcomes.match, text) if m]
+    final = [l.strip("= ") for l in text if re.match(r"^=+ .* in [\d.]+s", l)]
+
+    def count(items):
+        n = {}
+        for *_, outcome in items:
+            n[outcome.lower()] = n.get(outcome.lower(), 0) + 1
+        return ", ".join(f"{v} {k}" for k, v in n.items()) or "none ran"
+
+    rows.append(("gpu tests", final[-1] if final else f"cut short: {count(tests)} so far"))
+    rows.append(("cuda trainer tests", count([t for t in tests if t[0].endswith("test_train.py")])))
+    for path, test, outcome in tests:
+        if outcome in ("FAILED", "ERROR"):
+            rows.append((f"gpu test {outcome}", f"{Path(path).name}::{test}"))
+    figures["tests_gpu"] = {"summary": final[-1] if final else None, "tests": tests}
+
+# EMD: the Triton rows (profile_emd) and the compiled rows (profile_emd_compile), design point first
+recs = []
+for name in ("profile_emd", "profile_emd_compile"):
+    emd = last_json(name)
+    if emd:
+        figures[name] = emd
+        recs += [r for r in emd["results"] if "fwd_bwd_s" in r]
+        if emd.get("partial"):
+            rows.append((f"{name} (cut)", "cut short: the sizes it finished"))
+for B, M in sorted({(r["B"], r["M"]) for r in recs}, key=lambda k: (k[1] != 49, k[0] != 512, k))[:4]:
+    at = {r["impl"]: r for r in recs if (r["B"], r["M"]) == (B, M)}
+    cells = [f"{impl} {1e3 * r['fwd_bwd_s']:.3f} ms" for impl, r in at.items()]
+    if "triton" in at:
+        t = at["triton"]["fwd_bwd_s"]
+        if "torch" in at:
+            cells.append(f"triton x{at['torch']['fwd_bwd_s'] / t:.1f} vs eager")
+        if "compile" in at:
+            cells.append(f"x{at['compile']['fwd_bwd_s'] / t:.1f} vs compiled")
+        if at["triton"].get("floor_fwd_bwd_s"):
+            cells.append(f"{t / at['triton']['floor_fwd_bwd_s']:.1f}x its floor")
+    rows.append((f"emd fwd+bwd B{B} {M}x{M}", ", ".join(cells)))
+
+# the step ladder: each rung adds to the one before
+step = last_json("profile_step")
+if step:
+    figures["profile_step"] = step
+    names = [r["rung"] for r in step["rungs"]]
+    planned = (arg("profile_step", "--rungs") or ",".join(names)).split(",")
+
+    def label(i, rung):
+        before = set(planned[:planned.index(rung)]) if rung in planned else set()
+        if rung == "compile" and "triton" in before:
+            return "+ compile (triton inside)"
+        if rung == "triton" and "compile" not in before:
+            return "+ triton (eager)"
+        return rung if i == 0 else f"+ {rung}"
+
+    rows.append(("step ladder", f"{step['arch']} {step['views'][0]}/{step['views'][1]}, batch {step['batch']}: "
+                                f"{' > '.join(planned)}" + (" (cut short: the rungs it finished)" if step.get("partial") else "")))
+    for i, r in enumerate(step["rungs"]):
+        mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f} GB"
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
+        rows.append((f"step {label(i, r['rung'])}",
+                     f"{r['images_per_s']:,.0f} img/s  {r['ms_per_step']:.1f} ms  x{r['speedup']:.2f}  {mem}  MFU {mfu}"))
+    if step.get("phases_ms"):
+        rows.append(("step phases (last rung)", " | ".join(f"{k} {v:.1f} ms" for k, v in step["phases_ms"].items())))
+sweep = last_json("profile_sweep")
+if sweep:
+    figures["profile_sweep"] = sweep
+    if "sweep" in sweep:
+        s = sweep["sweep"]
+        best = s["by_batch"].get(str(s["largest_batch"])) or {}
+        rate = f" ({best['images_per_s']:,.0f} img/s, {best['peak_mem_gb']:.1f} GB)" if best else ""
+        rows.append(("largest batch (eager, " + (arg("profile_sweep", "--rungs") or "?").split(",")[-1] + " rung)",
+                     f"{s['largest_batch']}{rate}"))
+
+# end to end: the real loader into the step
+e2e = last_json("profile_e2e")
+if e2e:
+    figures["profile_e2e"] = e2e
+    note = f" ({e2e['loader_note']})" if e2e.get("loader_note") else ""
+    rows.append(("e2e", f"{e2e['images_per_s']:,.0f} img/s, {e2e['ms_per_step']:.1f} ms/step, data wait "
+                        f"{e2e['data_wait_pct']:.1f}%, loader {e2e['loader']}{note}, batch {e2e['batch']}, "
+                        f"rungs {arg('profile_e2e', '--rungs') or 'default'}"))
+ep = last_json("e2e_epochs")
+if ep and "boundaries" in ep:
+    figures["e2e_epochs"] = ep
+    note = f" ({ep['loader_note']})" if ep.get("loader_note") else ""
+    rows.append(("epoch boundaries", f"{ep['epochs']} epochs x {ep['steps_per_epoch']} steps, batch {ep['batch']}, "
+                                     f"{ep['images']} images, loader {ep['loader']}{note}"))
+    for mode in ("after", "before", "after, no checkpoint"):
+        m = ep["boundaries"].get(mode)
+        if m:
+            ckpt = ("" if m.get("checkpoint_blocking_ms") is None else
+                    f", ckpt blocking {m['checkpoint_blocking_ms']:.1f} ms ({m['checkpoint_mb']:.0f} MB)")
+            rows.append((f"epoch boundary {mode.replace('checkpoint', 'ckpt')}",
+                         f"stall {m['stall_ms']:.1f} ms = {m['stall_pct_of_epoch']:.2f}% of an epoch{ckpt}, "
+                         f"{m['ms_per_step']:.1f} ms/step"))
+
+data = last_json("profile_data")
+if data:
+    figures["profile_data"] = data
+    for r in data["results"]:
+        rows.append((f"data {r['loader']} {r['views'][0]}/{r['views'][1]}",
+                     f"{r['pairs_per_s']:,.0f} pairs/s, {r['cores_busy']} cores busy, "
+                     f"{1e3 * r['core_s_per_pair']:.2f} CPU ms/pair"))
+
+out = [f"fastemd gpu_check on {device}  (logs: {logs}; {elapsed} s of a {budget} s budget)", "parts:"]
+width = max([len(n) for n, _ in parts] + [1])
+out += [f"  {name:<{width}}  {text}" for name, text in parts]
+out.append("figures:")
+width = max([len(n) for n, _ in rows] + [1])
+out += [f"  {name:<{width}}  {value}" for name, value in rows] or ["  (none yet)"]
+print("\n".join(out))
+(logs / "results.json").write_text(json.dumps({"device": device, "budget_s": budget, "elapsed_s": elapsed,
+                                               "parts": status, "commands": commands, "rows": rows,
+                                               "figures": figures}, indent=1))
+PY
+
+summarize() {  # summary.txt, results.json; both copied out
+  timeout -k 2 20 "${py[@]}" summarize.py "$logs" "$budget" "$SECONDS" > summary.txt 2> summarize.err \
+    || echo "gpu_check: the summary failed: $(tail -1 summarize.err)" >&2
+  copy_out summary.txt results.json status.txt current.txt commands.txt
+}
+if [ "$summary_only" = 1 ]; then
+  copy_to=""
+  timeout -k 2 20 "${py[@]}" summarize.py "$logs" "$budget" "?"
+  exit
+fi
+
+copy_to=${2:-${FASTEMD_GPU_CHECK_OUT:-${OUT:-}}}
+if [ -n "$copy_to" ]; then
+  copy_to=$(mkdir -p "$copy_to" && cd "$copy_to" && pwd) || copy_to=""
+  [ "$copy_to" = "$logs" ] && copy_to=""
+fi
+copy_out() {  # copy_out FILE...: LOGDIR/FILE into COPY_TO, now
+  [ -n "$copy_to" ] || return 0
+  local f
+  for f in "$@"; do
+    [ -f "$logs/$f" ] && ! [ "$logs/$f" -ef "$copy_to/$f" ] && cp -f "$logs/$f" "$copy_to/$f" 2>/dev/null
+  done
+  return 0
+}
+: > status.txt
+: > commands.txt
+rm -f current.txt summary.txt results.json
+
+declare -A limit=([install]=60 [dali_unpack]=60 [env]=30 [tests_gpu]=150 [profile_emd]=60 [profile_step]=180
+                  [demo_data]=45 [profile_e2e]=45 [e2e_epochs]=90 [profile_data]=45 [profile_emd_compile]=60
+                  [profile_sweep]=45)
+selected=",${FASTEMD_GPU_CHECK_PARTS:-all},"
+want() { [ "$selected" = ",all," ] || [[ $selected == *",$1,"* ]]; }
+hang=${FASTEMD_GPU_CHECK_TEST_HANG:-}
+hang_part=${hang%%:*}
+hang_secs=1; [[ $hang == *:* ]] && hang_secs=${hang#*:}
+child="" current="" part_start=0 part_limit=0
+
+record() { echo "$1 $2 $3 $4" >> status.txt; }
+
+run_part() {  # run_part NAME CMD...: output to NAME.log, status to status.txt, everything copied out
+  local name=$1 lim=${limit[$1]} code; shift
+  local left=$((budget - SECONDS - grace - 5))
+  local cmd=("$@")
+  if [ -n "$hang_part" ] && [ "$name" = "$hang_part" ]; then  # the test hook: a part that hangs
+    cmd=(bash -c 'trap "" TERM; echo "test hook: hanging, ignoring SIGTERM"; exec sleep 3600')
+    lim=$hang_secs
+  fi
+  if ((left < 5)); then
+    record "$name" nobudget 0 "$((left > 0 ? left : 0))"
+    echo "gpu_check: $name skipped: $((left > 0 ? left : 0)) s left of the ${budget} s budget" >&2
+    summarize
+    return 1
+  fi
+  ((left < lim)) && lim=$left
+  printf '%s\t%s\n' "$name" "${cmd[*]}" >> commands.txt
+  : > "$name.log"
+  # the log as it grows, should the whole call be killed (a hard link, when COPY_TO is on this filesystem)
+  [ -n "$copy_to" ] && ln -f "$name.log" "$copy_to/$name.log" 2>/dev/null
+  current=$name part_start=$SECONDS part_limit=$lim
+  echo "$name $lim $SECONDS" > current.txt
+  summarize  # says which part is in flight, should the whole call be killed
+  timeout -k "$grace" "$lim" "${cmd[@]}" > "$name.log" 2>&1 &
+  child=$!
+  wait "$child"
+  code=$?
+  child="" current=""
+  rm -f current.txt
+  [ -n "$copy_to" ] && rm -f "$copy_to/current.txt"
+  record "$name" "$code" "$((SECONDS - part_start))" "$lim"
+  echo "gpu_check: $name exit $code in $((SECONDS - part_start)) s (limit $lim s)" >&2
+  copy_out "$name.log"
+  summarize
+  return "$code"
+}
+
+finish() {  # the EXIT trap: the summary of what finished, also on a signal
+  local code=$?
+  trap - EXIT INT TERM HUP
+  if [ -n "$current" ]; then  # a part in flight: end it (timeout passes it on, SIGKILL after $grace s)
+    [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
+    rm -f current.txt
+    [ -n "$copy_to" ] && rm -f "$copy_to/current.txt"
+    record "$current" interrupted "$((SECONDS - part_start))" "$part_limit"
+    echo "gpu_check: $current interrupted after $((SECONDS - part_start)) s" >&2
+    copy_out "$current.log"
+  fi
+  summarize
+  echo
+  cat summary.txt 2>/dev/null
+  if [ "$code" = 0 ] && awk '$2 != "0" && $2 != "nodali" {bad = 1} END {exit !bad}' status.txt; then
+    code=1  # a part failed, timed out or was skipped for lack of time: its figures are missing
+  fi
+  exit "$code"
+}
+trap finish EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
+
+probe() { timeout -k 10 60 "${py[@]}" -c "$1" 2>/dev/null; }  # an untimed command could stall the budget
+if ! probe "import fastemd.kernels, fastemd.pipelines"; then
   # No network on the GPU machines: install the checkout alone; torch, triton, numpy, pillow, rich are there.
-  $py -m pip install --no-deps --no-build-isolation -q -e "$repo" > install.log 2>&1 \
-    || { echo "gpu_check: cannot install fastemd (see $logs/install.log)"; exit 1; }
+  run_part install "${py[@]}" -m pip install --no-deps --no-build-isolation -q -e "$repo" \
+    || { echo "gpu_check: cannot install fastemd (see $logs/install.log)" >&2; exit 1; }
 fi
 # DALI and pycocotools, absent from the GPU image, travel as .device/part* (tools/device_bundle.sh):
 # unpacked into this interpreter's site-packages once every part is there and the sum matches.
-if [ -f "$repo/.device/part1/MANIFEST" ] && ! $py -c "import nvidia.dali" 2>/dev/null; then
-  site=$($py -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  if bash "$repo/tools/device_unpack.sh" "$repo/.device" "$site" > bundle.log 2>&1; then
-    echo "gpu_check: $(tail -1 bundle.log)" >&2
-  else
-    echo "gpu_check: no DALI: $(tail -1 bundle.log)" >&2
-  fi
+if [ -f "$repo/.device/part1/MANIFEST" ] && ! probe "import nvidia.dali"; then
+  site=$(probe "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  run_part dali_unpack bash "$repo/tools/device_unpack.sh" "$repo/.device" "$site" \
+    && echo "gpu_check: $(tail -1 dali_unpack.log)" >&2
 fi
-{
-  nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-  $py - <<'PY'
-import torch, importlib.util
+cat > env.py <<'PY'
+import importlib.util
+
+import torch
+
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 for name in ("triton", "nvidia.dali", "ot", "pycocotools"):
     spec = importlib.util.find_spec(name.split(".")[0]) and importlib.util.find_spec(name)
     print(name, getattr(__import__(name, fromlist=["_"]), "__version__", "?") if spec else "not installed")
 PY
-} > env.txt 2>&1
+run_part env bash -c 'nvidia-smi 2>&1 || echo "nvidia-smi: not available"; exec "$@"' _ "${py[@]}" env.py
+have_dali=0
+probe "import nvidia.dali" && have_dali=1
 
-declare -A rc
-run() {  # run NAME SECONDS CMD...: output to NAME.log, exit status kept for the table
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$name.log" 2>&1
-  rc[$name]=$?
-  echo "gpu_check: $name exit ${rc[$name]} in $((SECONDS - start)) s" >&2
-}
-
-if [ "$quick" = 1 ]; then
-  step_args=(--batch 4 --steps 2 --warmup 1 model.arch=resnet18 model.width=8 model.proj_hidden=32
-             model.pred_hidden=32 model.proj_dim=16 data.view1_size=64 data.view2_size=64)
-  emd_args=(--batch 8 --sizes 9 --iters 2 --impls torch)
-  e2e_args=(--preset demo --batch 4 --steps 2 --warmup 1 data.workers=1)
-  data_args=(--pairs 32 --batch-size 8 --workers 1 --images 8)
-else
-  # Sized so that the whole script stays under ~9 minutes even when every step hits its timeout
-  # (one device-tool call is at most 10): compiles dominate, so few timed steps.
-  step_args=(--batch 256 --steps 10 --warmup 3 --sweep)
-  emd_args=(--impls torch,compile,triton --batch 512,64 --sizes 49,25 --min-time 0.1)  # the design point first
-  e2e_args=(--batch 256 --steps 20 --warmup 3 data.workers=8)
-  data_args=(--pairs 2048 --batch-size 256 --workers 2)
-fi
-
-# --continue-on-collection-errors: a test file importing a package the GPU image lacks (pycocotools,
-# POT) must not stop the gpu tests of the other files.
-# -v: one line per test, so a run cut by its time limit still says which tests passed.
-run tests_gpu 120 $py -m pytest -m gpu -v -p no:cacheprovider --continue-on-collection-errors "$repo/tests"
-run profile_emd 90 $py -m fastemd.cli profile emd --device $device --json "${emd_args[@]}"
-run profile_step 240 $py -m fastemd.cli profile step --device $device --json "${step_args[@]}"
-# e2e on the demo dataset's image folder (a folder needs no pycocotools, absent from some GPU images)
 demo=$logs/demo-data
-[ -d "$demo/train2017" ] || $py -m fastemd.cli make-demo-data "$demo" --num-images 256 > make_demo.log 2>&1
-run profile_e2e 45 $py -m fastemd.cli profile e2e --device $device --json "${e2e_args[@]}" "data.sources=$demo/train2017"
-if $py -c "import nvidia.dali" 2>/dev/null; then
-  run profile_data 45 $py -m fastemd.cli profile data --device $device --json --source "$demo/train2017" "${data_args[@]}"
+if [ "$quick" = 1 ]; then
+  n_demo=48
+  tiny=(model.arch=resnet18 model.width=8 model.proj_hidden=32 model.pred_hidden=32 model.proj_dim=16
+        data.view1_size=64 data.view2_size=64)
+  emd_args=(--impls triton,torch --batch 8 --sizes 9 --iters 2 --min-time 0.05)
+  step_args=(--batch 4 --steps 2 --warmup 1 --rungs fp32,channels_last "${tiny[@]}")
+  e2e_args=(--preset demo --batch 4 --steps 2 --warmup 1 --images 16 data.workers=1)
+  epochs_args=(--preset demo --batch 4 --epochs 2 --images 16 data.workers=1)
+  data_args=(--pairs 32 --batch-size 8 --workers 1 --images 8)
+  # a cold inductor compile costs ~30 s on a CPU: the plumbing is tested with the eager row
+  emd_compile_args=(--impls torch --batch 4 --sizes 9 --iters 2 --min-time 0.05)
+  sweep_args=(--batch 4 --steps 1 --warmup 0 --rungs fp32 --sweep "${tiny[@]}")
+else
+  n_demo=1024
+  # Triton (and eager, its baseline) first: no compile in this part
+  emd_args=(--impls triton,torch --batch 512,64 --sizes 49,25 --min-time 0.1)
+  # triton before compile: the last rung compiles the step once, with Triton inside
+  step_args=(--batch 256 --steps 10 --warmup 3 --rungs fp32,channels_last,amp,triton,compile)
+  # no compile: the real loader into the amp + Triton step (1024 images: 4 steps an epoch, spanned)
+  e2e_args=(--batch 256 --steps 20 --warmup 3 --rungs fp32,channels_last,amp,triton data.workers=8)
+  # 8 steps an epoch: each mode runs 3 epochs and checkpoints at every epoch end
+  epochs_args=(--batch 128 --epochs 3 --images 1024 --rungs fp32,channels_last,amp,triton data.workers=8)
+  data_args=(--pairs 2048 --batch-size 256 --workers 2)
+  emd_compile_args=(--impls torch,compile --batch 512 --sizes 49 --min-time 0.1)  # one cold compile
+  sweep_args=(--batch 256 --steps 2 --warmup 1 --rungs channels_last,amp,triton --sweep)
 fi
+cli=("${py[@]}" -m fastemd.cli)
 
-for name in "${!rc[@]}"; do echo "$name ${rc[$name]}"; done > status.txt
-$py - "$logs" <<'PY'
-import json, sys
-from pathlib import Path
-
-logs = Path(sys.argv[1])
-status = dict(line.split() for line in (logs / "status.txt").read_text().splitlines())
-env = (logs / "env.txt").read_text()
-device = next((l.split(" ", 1)[1] for l in env.splitlines() if l.startswith("device ")), "?")
-
-def last_json(name):
-    try:
-        lines = [l for l in (logs / f"{name}.log").read_text().splitlines() if l.startswith("{")]
-        return json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
-        return None
-
-rows = []
-tail = (logs / "tests_gpu.log").read_text().strip().splitlines()[-1:] if (logs / "tests_gpu.log").exists() else ["-"]
-rows.append(("gpu tests", tail[0] if tail else "-"))
-emd = last_json("profile_emd")
-if emd and emd.get("partial"):
-    rows.append(("emd", "cut short by its time limit: the sizes it finished"))
-if emd:  # the issue's design point first: B 512, M = N 49, forward + backward
-    recs = [r for r in emd["results"] if "fwd_bwd_s" in r]
-    for (B, M) in sorted({(r["B"], r["M"]) for r in recs}, key=lambda k: (k[1] != 49, k[0] != 512, k)):
-        at = {r["impl"]: r for r in recs if (r["B"], r["M"]) == (B, M)}
-        parts = [f"{name} {1e3 * r['fwd_bwd_s']:.3f} ms" for name, r in at.items()]
-        if "triton" in at:
-            t = at["triton"]
-            parts.append(f"triton x{at['torch']['fwd_bwd_s'] / t['fwd_bwd_s']:.1f} vs eager" if "torch" in at else "")
-            if "compile" in at:
-                parts.append(f"x{at['compile']['fwd_bwd_s'] / t['fwd_bwd_s']:.1f} vs compiled")
-            if t.get("floor_fwd_bwd_s"):
-                parts.append(f"{t['fwd_bwd_s'] / t['floor_fwd_bwd_s']:.1f}x its floor")
-        rows.append((f"emd fwd+bwd B{B} {M}x{M}", ", ".join(p for p in parts if p)))
-        if len(rows) > 4:
-            break
-step = last_json("profile_step")
-if step:
-    if step.get("partial"):
-        rows.append(("step ladder", "cut short by its time limit: the rungs it finished"))
-    for r in step["rungs"]:
-        mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f} GB"
-        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
-        rows.append((f"step + {r['rung']}", f"{r['images_per_s']:,.0f} img/s  {r['ms_per_step']:.1f} ms  x{r['speedup']:.2f}  {mem}  MFU {mfu}"))
-    if "sweep" in step:
-        rows.append(("largest batch", str(step["sweep"]["largest_batch"])))
-e2e = last_json("profile_e2e")
-if e2e:
-    note = f" ({e2e['loader_note']})" if e2e.get("loader_note") else ""
-    rows.append(("e2e", f"{e2e['images_per_s']:,.0f} img/s, data wait {e2e['data_wait_pct']:.1f}%, loader {e2e['loader']}{note}"))
-data = last_json("profile_data")
-if data:
-    for r in data["results"]:
-        rows.append((f"data {r['loader']} {r['views'][0]}/{r['views'][1]}",
-                     f"{r['pairs_per_s']:,.0f} pairs/s, {r['cores_busy']} cores busy, {1e3 * r['core_s_per_pair']:.2f} CPU ms/pair"))
-print(f"\nfastemd gpu_check on {device}  (logs: {logs})")
-for name, code in sorted(status.items()):
-    if code != "0":
-        rows.append((f"{name} FAILED", f"exit {code}: see {name}.log"))
-width = max(len(r[0]) for r in rows)
-for name, value in rows:
-    print(f"  {name:<{width}}  {value}")
-PY
+# -v: one line per test, so a run cut by its time limit still says which tests passed;
+# --continue-on-collection-errors: a test file importing a package the GPU image lacks (pycocotools,
+# POT) must not stop the gpu tests of the other files. The CUDA trainer tests first.
+test_files=("$repo/tests/test_train.py")
+for f in "$repo"/tests/test_*.py; do [ "$f" = "${test_files[0]}" ] || test_files+=("$f"); done
+want tests_gpu && run_part tests_gpu "${py[@]}" -m pytest -m gpu -v -p no:cacheprovider \
+  --continue-on-collection-errors "${test_files[@]}"
+want profile_emd && run_part profile_emd "${cli[@]}" profile emd --device $device --json "${emd_args[@]}"
+want profile_step && run_part profile_step "${cli[@]}" profile step --device $device --json "${step_args[@]}"
+# e2e on the demo dataset's image folder (a folder needs no pycocotools, absent from some GPU images)
+if { want profile_e2e || want e2e_epochs || want profile_data; } && ! [ -d "$demo/train2017" ]; then
+  rm -rf "$demo"
+  run_part demo_data "${cli[@]}" make-demo-data "$demo" --num-images $n_demo
+fi
+src=data.sources=$demo/train2017
+want profile_e2e && run_part profile_e2e "${cli[@]}" profile e2e --device $device --json "${e2e_args[@]}" "$src"
+want e2e_epochs && run_part e2e_epochs "${cli[@]}" profile e2e --device $device --json "${epochs_args[@]}" "$src"
+if want profile_data; then
+  if [ "$have_dali" = 1 ]; then
+    run_part profile_data "${cli[@]}" profile data --device $device --json --source "$demo/train2017" "${data_args[@]}"
+  else
+    record profile_data nodali 0 0
+  fi
+fi
+want profile_emd_compile && run_part profile_emd_compile "${cli[@]}" profile emd --device $device --json \
+  "${emd_compile_args[@]}"
+want profile_sweep && run_part profile_sweep "${cli[@]}" profile step --device $device --json "${sweep_args[@]}"
+exit 0
