@@ -54,12 +54,19 @@ what is cheap. This layer is meant for the compiled step.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 __all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "convert_sync_batchnorm"]
+
+
+# BatchNorm's `bias` option (a learned shift or none) came with torch 2.12; torch 2.11 (the GPU
+# image's) always has both or neither.
+BIAS_OPTION = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -101,7 +108,12 @@ class _Synced:
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None, device=None,
                  dtype=None, *, bias: bool = True):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        if BIAS_OPTION:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        elif not bias and affine:
+            raise ValueError(f"bias=False needs torch >= 2.12 (BatchNorm's own option); this is torch {torch.__version__}")
+        else:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +187,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     kind = next((synced for plain, synced in _SYNCED.items() if isinstance(module, plain)), None)
     if kind is not None and not isinstance(module, _Synced):
         out = kind(module.num_features, module.eps, module.momentum, module.affine,
-                   module.track_running_stats, process_group, bias=module.bias is not None)
+                   module.track_running_stats, process_group, bias=not module.affine or module.bias is not None)
         # The same Parameter and buffer objects: requires_grad, device, dtype and any optimizer
         # or EMA that already holds them carry over.
         if module.affine:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastemd.model import resnet
-from fastemd.sync_bn import SyncBatchNorm1d, SyncBatchNorm2d, convert_sync_batchnorm
+from fastemd.sync_bn import BIAS_OPTION, SyncBatchNorm1d, SyncBatchNorm2d, convert_sync_batchnorm
 
 # Per-rank batches: odd sizes, off-centre (mean 3, std 2) so that the shift by the running mean
 # matters, and different on the two ranks.
@@ -42,7 +42,7 @@ CONFIGS = {  # name -> BatchNorm keyword arguments
     "momentum_none": {"momentum": None},
     "no_affine": {"affine": False},
     "no_running_stats": {"track_running_stats": False},
-    "no_bias": {"bias": False},
+    **({"no_bias": {"bias": False}} if BIAS_OPTION else {}),  # BatchNorm's bias option: torch >= 2.12
 }
 ITERS = 2  # the second forward shifts by a non-zero running mean
 OFFSET = 1000.0  # the mean of the far-off-zero batches
