@@ -1,7 +1,9 @@
 """`fastemd profile step|e2e`: where every millisecond of a training step goes.
 
-A trimmed copy of the real step (nanoGPT's bench.py): online and target forward, loss,
-backward, LARS, EMA; burn-in steps, then a timed window between two synchronisations.
+The step is `fastemd train`'s own (`fastemd.step.TrainStep`, nanoGPT's bench.py idea with the
+real code): BatchNorm snapshot, online and target forward, loss, backward, the one host read
+(finite check, stop and checkpoint flags), LARS, EMA; burn-in steps, then a timed window between
+two synchronisations. The phase split names the snapshot and the host read as phases of their own.
 
 - `step`: synthetic views already on the device. It runs the optimisation ladder in one
   process on the same card, each rung adding one thing to the one before:
@@ -69,11 +71,14 @@ def _sync(device):
 
 
 class Step:
-    """One training step of `SelfEMD` with the given features switched on."""
+    """`fastemd train`'s own step (`fastemd.step.TrainStep`: BatchNorm snapshot, forward, backward,
+    the host read with its finite check, LARS through the GradScaler, EMA) on a fresh SelfEMD with
+    the rung's features switched on; the schedules held at fixed values (lr 0.01, tau 0.996)."""
 
     def __init__(self, cfg, device, channels_last: bool, amp: bool, compile: bool, impl: str):
         from fastemd.model import SelfEMD
         from fastemd.optim import build_optimizer
+        from fastemd.step import TrainStep
 
         torch.manual_seed(0)
         self.device = device
@@ -81,10 +86,13 @@ class Step:
         loss_cfg = dataclasses.replace(cfg.loss, impl=impl)  # the rung's choice; cfg stays as resolved
         self.model = SelfEMD(cfg.model, loss_cfg).to(device, memory_format=self.format)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = 0.01
-        self.forward = torch.compile(self.model) if compile else self.model
-        self.amp = amp
+        forward = self.model
+        if compile:  # as the trainer compiles
+            mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+            forward = torch.compile(self.model, mode=mode, backend=cfg.train.compile_backend, dynamic=False)
+        self.train_step = TrainStep(self.model, self.optimizer, step_model=forward,
+                                    amp_dtype=torch.bfloat16 if amp else None, memory_format=self.format)
+        self.weight_decay = cfg.optim.weight_decay
 
     def views(self, batch, sizes):
         v1 = torch.randn(batch, 3, sizes[0], sizes[0], device=self.device).to(memory_format=self.format)
@@ -92,17 +100,7 @@ class Step:
         return v1, v2
 
     def __call__(self, v1, v2, marks=None):
-        mark = marks or (lambda name: None)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.forward(v1, v2)
-        mark("forward")
-        out["loss"].backward()
-        mark("backward")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_target(0.996)
-        mark("optimizer+ema")
-        return out["loss"]
+        return self.train_step(lambda: (v1, v2), lr=0.01, weight_decay=self.weight_decay, tau=0.996, mark=marks)
 
 
 def _time_steps(step: Step, v1, v2, warmup: int, steps: int) -> float:
@@ -349,6 +347,9 @@ def _epoch_boundaries(args, build_loader, step: Step, cfg) -> dict:
             "checkpoint_blocking_ms": 1000 * statistics.mean(blocking[1:] or blocking) if blocking else None,
             "checkpoint_mb": size / 2**20 if size else None,  # (the first save allocates: not averaged)
         }
+        if args.json and mode != "after, no checkpoint":  # the modes so far, should a time limit cut the run
+            print(json.dumps({"partial": True, "epochs": args.epochs, "steps_per_epoch": steps_per_epoch,
+                              "boundaries": modes}), file=sys.stderr, flush=True)
     return {"epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "boundaries": modes}
 
 

@@ -7,8 +7,11 @@ Run it as `fastemd train ...` (one process) or `torchrun --nproc_per_node=8 tool
 (DDP over `env://`: NCCL on CUDA, gloo on CPU). Rank 0 alone draws the dashboard and writes
 files; every rank runs the same number of steps.
 
+The step itself (forward, backward, the host read, LARS, EMA) is `fastemd/step.py`'s
+`TrainStep`, the code `fastemd profile step|e2e` times too; this file is everything around it.
+
 Host synchronisation: metrics stay on the device and are read (`.item()`) only on log steps.
-The one read per step is three flags in one all-reduce: "were this step's loss and gradients
+The one read per step (in `TrainStep`) is three flags in one all-reduce: "were this step's loss and gradients
 finite on every rank", taken before the optimizer step so that a non-finite step changes nothing
 (no LARS, no EMA, and the BatchNorm running statistics its forward touched are put back); "did a
 rank get SIGTERM/SIGINT"; "is a wall-clock checkpoint due" (rank 0's clock). So all ranks stop,
@@ -61,6 +64,7 @@ from fastemd.config import Config, to_toml
 from fastemd.dashboard import Dashboard, Meter, now
 from fastemd.health import KEYS as HEALTH_KEYS
 from fastemd.health import HealthMonitor, health_metrics, health_summary
+from fastemd.step import KEYS, TrainStep
 
 
 class TrainingError(RuntimeError):
@@ -192,28 +196,6 @@ def _check_same_model(state: dict, cfg: Config, source) -> None:
         raise TrainingError(f"{source}: a checkpoint of another network ({'; '.join(differ)}); resume with the "
                             f"run's own config: fastemd train --config {Path(cfg.train.out_dir) / 'config.toml'} "
                             "--resume auto")
-
-
-class BufferSnapshot:
-    """A copy of a module's buffers (BatchNorm running statistics: fp32 means and variances,
-    int64 counters) to put back after a step that must change nothing. The copies are allocated
-    once (torch 2.11 has no _foreach_clone) and refreshed with one foreach copy per dtype: the
-    foreach fast path (one kernel over many tensors) takes tensors of one dtype, so a mixed list
-    would fall back to a copy per tensor (~336 for ResNet-50's online and target)."""
-
-    def __init__(self, module: nn.Module):
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for buffer in module.buffers():
-            by_dtype.setdefault(buffer.dtype, []).append(buffer)
-        self.groups = [(live, [b.detach().clone() for b in live]) for live in by_dtype.values()]
-
-    def save(self) -> None:
-        for live, copy in self.groups:
-            torch._foreach_copy_(copy, live)
-
-    def restore(self) -> None:
-        for live, copy in self.groups:
-            torch._foreach_copy_(live, copy)
 
 
 def _no_buffer_broadcast() -> dict:
@@ -490,10 +472,10 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     dash = Dashboard(run_steps, steps_per_epoch, start_step=step, mode=cfg.log.dashboard, enabled=env.main,
                      title=f"fastemd {cfg.preset}: {cfg.model.arch} on {env.world_size}x {env.device.type}")
-    bn_state = BufferSnapshot(model)  # BatchNorm running statistics of online and target
-    flags = torch.zeros(3, device=env.device)  # the step's one reduction (finite, signal, checkpoint due)
+    train_step = TrainStep(model, optimizer, step_model=step_model, scaler=scaler, amp_dtype=amp_dtype,
+                           memory_format=memory_format, accum=accum, distributed=env.distributed)
     ckpt_seconds = 60 * cfg.train.ckpt_minutes
-    keys = ("loss", "loss_emd", "loss_global", "similarity")
+    keys = KEYS
     window = torch.zeros(len(keys), device=env.device)  # sums over the log window, on the device
     monitor = HealthMonitor(warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), total_steps=total_steps,
                             log_every=cfg.log.every)
@@ -555,59 +537,20 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 for step_in_epoch in range(start_in_epoch, steps_per_epoch):
                     if step >= run_steps:
                         break
-                    for group in optimizer.param_groups:  # schedules indexed by the global step
-                        group["lr"] = float(lr_sched[step])
-                        group["weight_decay"] = float(wd_sched[step])
-
-                    # BatchNorm running statistics change in the forward itself: keep a copy (a few
-                    # hundred kB) so that a skipped step can put them back, NaN-free.
-                    bn_state.save()
-                    loss_sum = torch.zeros((), device=env.device)
-                    for micro in range(accum):
-                        t0 = now()
-                        v1, v2 = next(batches)
-                        window_data_wait += now() - t0
-                        v1 = v1.to(env.device, non_blocking=True, memory_format=memory_format)
-                        v2 = v2.to(env.device, non_blocking=True, memory_format=memory_format)
-                        sync_ctx = step_model.no_sync() if env.distributed and micro < accum - 1 else contextlib.nullcontext()
-                        with sync_ctx, torch.autocast(env.device.type, dtype=amp_dtype or torch.float32,
-                                                      enabled=amp_dtype is not None):
-                            out = step_model(v1, v2)
-                            scaler.scale(out["loss"] / accum).backward()
-                        parts = torch.stack([out[k].detach().float() for k in keys])  # (4,)
-                        window += parts / accum
-                        loss_sum += parts[0]
-
-                    # The one host read per step, three flags in one MIN all-reduce: were the loss and
-                    # the gradients (a finite loss can still back-propagate inf) finite on all ranks
-                    # (with fp16 the GradScaler judges the gradients itself, and lowers its scale);
-                    # did any rank get SIGTERM/SIGINT (negated: the MIN is the largest signal number);
-                    # is a wall-clock checkpoint due (rank 0's clock decides). So every rank stops,
-                    # and checkpoints, at the same step, within one step of a signal.
-                    finite = torch.isfinite(loss_sum)
-                    if not scaler.is_enabled():
-                        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-                        finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-                    flags[0].copy_(finite)
-                    flags[1].fill_(-float(stop.signum))
-                    flags[2].fill_(-float(env.main and ckpt_seconds > 0 and now() - saved_time >= ckpt_seconds))
-                    if env.distributed:
-                        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-                    all_finite, minus_signal, minus_due = flags.tolist()  # syncs: the step's one read
-                    stop_now, ckpt_due = int(-minus_signal), minus_due < 0
-                    if all_finite == 1.0:
-                        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
-                        scaler.step(optimizer)
-                        scaler.update()
-                        if scaler.is_enabled() and scaler.get_scale() < scale:
-                            # fp16: the GradScaler met inf gradients, skipped LARS and lowered its
-                            # scale; the target stays too. Routine early on: not a bad step.
-                            overflows += 1
-                        else:
-                            model.update_target(float(tau_sched[step]))
+                    # fastemd/step.py: forward, backward, the one host read (finite? a stop signal on
+                    # any rank? a wall-clock checkpoint due by rank 0's clock?), LARS, EMA.
+                    outcome = train_step(lambda: next(batches), lr=float(lr_sched[step]),
+                                         weight_decay=float(wd_sched[step]), tau=float(tau_sched[step]),
+                                         stop_signal=stop.signum,
+                                         checkpoint_due=env.main and 0 < ckpt_seconds <= now() - saved_time)
+                    out, stop_now, ckpt_due = outcome.out, outcome.stop_signal, outcome.checkpoint_due
+                    window += outcome.parts
+                    window_data_wait += outcome.data_wait
+                    if outcome.overflow:  # fp16: routine early on, not a bad step
+                        overflows += 1
+                    if not outcome.skipped:
                         bad_in_row = 0
                     else:
-                        bn_state.restore()
                         skipped += 1
                         bad_in_row += 1
                         dash.print(f"step {step + 1}: non-finite loss or gradients; update skipped ({bad_in_row} in a row)",
@@ -618,7 +561,6 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                                 f"Last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}. Lower optim.base_lr, "
                                 "try train.amp=bf16, or check the data"
                             )
-                    optimizer.zero_grad(set_to_none=True)
                     step += 1
                     done_in_epoch = step_in_epoch + 1
                     window_steps += 1

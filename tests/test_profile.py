@@ -22,7 +22,7 @@ def test_profile_step_ladder_json(capsys):
     first = result["rungs"][0]
     assert first["speedup"] == 1.0
     assert first["images_per_s"] == pytest.approx(4 / (first["ms_per_step"] / 1000))
-    assert set(result["phases_ms"]) == {"forward", "backward", "optimizer+ema"}
+    assert list(result["phases_ms"]) == ["bn snapshot", "forward", "backward", "host read", "optimizer+ema"]
     assert all(v > 0 for v in result["phases_ms"].values())
     assert result["gflops_per_pair"] > 0 and first["mfu"] is None  # no known peak for a CPU
 
@@ -105,7 +105,10 @@ def test_profile_e2e_epoch_boundaries_before_and_after(tmp_path, capsys):
     args = ["profile", "e2e", "--device", "cpu", "--preset", "demo", "--batch", "4", "--epochs", "3", "--images", "16",
             *TINY, "data.loader=torch", "data.workers=1", f"data.sources={demo}"]
     assert main([*args, "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    partial = json.loads(captured.err.strip().splitlines()[-1])  # after each mode but the last, on stderr
+    assert partial["partial"] is True and list(partial["boundaries"]) == ["before", "after"]
     assert (result["images"], result["steps_per_epoch"], result["epochs"]) == (16, 4, 3)
     assert list(result["boundaries"]) == ["before", "after", "after, no checkpoint"]
     for mode, m in result["boundaries"].items():
@@ -118,3 +121,35 @@ def test_profile_e2e_epoch_boundaries_before_and_after(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "epoch boundaries: loader torch, 16 images" in out and "before" in out and "after" in out
+
+
+def test_train_and_profile_run_the_same_step_code(tmp_path, monkeypatch, capsys):
+    """`fastemd profile step` times `fastemd train`'s own step (fastemd.step.TrainStep), not a
+    copy: both call it, once per optimizer step, with its host read and BatchNorm snapshot."""
+    from fastemd.step import BufferSnapshot, TrainStep
+
+    calls, saves = [], []
+    real_call, real_save = TrainStep.__call__, BufferSnapshot.save
+
+    def counting_call(self, next_batch, **kw):
+        outcome = real_call(self, next_batch, **kw)
+        calls.append(outcome)
+        return outcome
+
+    def counting_save(self):
+        saves.append(1)
+        real_save(self)
+
+    monkeypatch.setattr(TrainStep, "__call__", counting_call)
+    monkeypatch.setattr(BufferSnapshot, "save", counting_save)
+    assert main(["profile", "step", "--device", "cpu", "--json", "--batch", "2", "--steps", "2", "--warmup", "1",
+                 "--rungs", "fp32", *TINY]) == 0
+    capsys.readouterr()
+    profiled = len(calls)
+    assert profiled == 1 + 2 + 3 and len(saves) == profiled  # warm-up, timed, phase split (at least 3)
+    assert all(o.applied and o.stop_signal == 0 and not o.checkpoint_due for o in calls)
+    demo = make_demo_data(tmp_path / "demo", num_images=8)
+    assert main(["train", "--preset", "demo", f"--data.sources={demo}", f"--train.out_dir={tmp_path / 'run'}",
+                 "--train.max_steps=2", "--data.batch_size=4", "--data.workers=0", "--data.loader=torch",
+                 "--log.dashboard=plain", *[f"--{o}" for o in TINY]]) == 0
+    assert len(calls) == profiled + 2 and len(saves) == profiled + 2

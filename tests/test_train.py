@@ -677,7 +677,7 @@ def test_the_steps_foreach_calls_take_the_fast_path_but_one(demo_json, tmp_path)
 
 def test_buffer_snapshot_groups_by_dtype_and_restores(demo_json, tmp_path):
     from fastemd.model import SelfEMD
-    from fastemd.train import BufferSnapshot
+    from fastemd.step import BufferSnapshot
 
     cfg = tiny_cfg(demo_json, tmp_path)
     model = SelfEMD(cfg.model, cfg.loss)

@@ -1,0 +1,145 @@
+"""One training step of Self-EMD: the code `fastemd train` runs at every step, and the code
+`fastemd profile step|e2e` times (so the ladder measures what training runs, host read included).
+
+    schedules -> BatchNorm snapshot -> per micro-batch: views to the device, forward (autocast),
+    backward -> the one host read (finite? stop? checkpoint due?, one all-reduce) -> LARS
+    (through the GradScaler) -> EMA update of the target -> zero the gradients
+
+The one host read: three flags in one MIN all-reduce: were the loss and the gradients (a finite
+loss can still back-propagate inf) finite on every rank (with fp16 the GradScaler judges the
+gradients itself, and lowers its scale); did any rank get SIGTERM/SIGINT (negated: the MIN is the
+largest signal number); is a wall-clock checkpoint due (the caller passes rank 0's view; the
+others pass False). So every rank learns the same three answers at the same step, and a
+non-finite step changes nothing: no LARS, no EMA, and the BatchNorm running statistics its
+forward moved are put back. The caller (the trainer) counts, logs, checkpoints and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+KEYS = ("loss", "loss_emd", "loss_global", "similarity")  # the parts a step returns, in this order
+
+
+class BufferSnapshot:
+    """A copy of a module's buffers (BatchNorm running statistics: fp32 means and variances,
+    int64 counters) to put back after a step that must change nothing. The copies are allocated
+    once (torch 2.11 has no _foreach_clone) and refreshed with one foreach copy per dtype: the
+    foreach fast path (one kernel over many tensors) takes tensors of one dtype, so a mixed list
+    would fall back to a copy per tensor (~336 for ResNet-50's online and target)."""
+
+    def __init__(self, module: nn.Module):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in module.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        self.groups = [(live, [b.detach().clone() for b in live]) for live in by_dtype.values()]
+
+    def save(self) -> None:
+        for live, copy in self.groups:
+            torch._foreach_copy_(copy, live)
+
+    def restore(self) -> None:
+        for live, copy in self.groups:
+            torch._foreach_copy_(live, copy)
+
+
+@dataclass
+class StepOutcome:
+    applied: bool  # LARS and the EMA update ran
+    overflow: bool  # fp16: the GradScaler met inf gradients, skipped LARS and lowered its scale
+    stop_signal: int  # the largest SIGTERM/SIGINT number any rank has seen (0: none)
+    checkpoint_due: bool  # rank 0's clock says a wall-clock checkpoint is due
+    parts: torch.Tensor  # (4,) KEYS, means over the micro-batches, on the device (no sync)
+    out: dict  # the last micro-batch's outputs (the maps, for the health signals)
+    data_wait: float  # seconds the host waited for batches
+
+    @property
+    def skipped(self) -> bool:
+        """Non-finite loss or gradients: nothing changed (an fp16 overflow is not counted here)."""
+        return not self.applied and not self.overflow
+
+
+class TrainStep:
+    """`step(next_batch, lr=, weight_decay=, tau=)` runs one optimizer step (module docstring).
+
+    model: the SelfEMD (its target's EMA and its buffers); step_model: what the forward calls
+    (the same model, or its DDP and/or torch.compile wrapper); accum micro-batches per step,
+    each `next_batch()` -> (v1, v2); `mark(name)`, if given, is called as each phase ends (the
+    profiler's phase split)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, step_model: nn.Module | None = None,
+                 scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format, accum: int = 1,
+                 distributed: bool = False):
+        self.model, self.optimizer = model, optimizer
+        self.step_model = step_model if step_model is not None else model
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
+        self.amp_dtype, self.memory_format, self.accum, self.distributed = amp_dtype, memory_format, accum, distributed
+        self.device = next(model.parameters()).device
+        self.bn_state = BufferSnapshot(model)
+        self.flags = torch.zeros(3, device=self.device)  # the one reduction: finite, -signal, -checkpoint due
+
+    def __call__(self, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, lr: float,
+                 weight_decay: float, tau: float, stop_signal: int = 0, checkpoint_due: bool = False,
+                 mark: Callable[[str], None] | None = None) -> StepOutcome:
+        mark = mark or (lambda name: None)
+        for group in self.optimizer.param_groups:  # the schedules' entries for this step
+            group["lr"] = lr
+            group["weight_decay"] = weight_decay
+        # BatchNorm running statistics change in the forward itself: keep a copy (a few hundred
+        # kB) so that a skipped step can put them back, NaN-free.
+        self.bn_state.save()
+        mark("bn snapshot")
+        parts_sum = torch.zeros(len(KEYS), device=self.device)
+        data_wait = 0.0
+        for micro in range(self.accum):
+            t0 = time.perf_counter()
+            v1, v2 = next_batch()
+            data_wait += time.perf_counter() - t0
+            v1 = v1.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            v2 = v2.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            last_micro = micro == self.accum - 1
+            sync = self.step_model.no_sync() if self.distributed and not last_micro else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out = self.step_model(v1, v2)
+                mark("forward")
+                self.scaler.scale(out["loss"] / self.accum).backward()
+                mark("backward")
+            parts_sum += torch.stack([out[k].detach().float() for k in KEYS])  # (4,)
+
+        finite = torch.isfinite(parts_sum[0])
+        if not self.scaler.is_enabled():
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        self.flags[0].copy_(finite)
+        self.flags[1].fill_(-float(stop_signal))
+        self.flags[2].fill_(-float(checkpoint_due))
+        if self.distributed:
+            dist.all_reduce(self.flags, op=dist.ReduceOp.MIN)
+        all_finite, minus_signal, minus_due = self.flags.tolist()  # syncs: the step's one host read
+        mark("host read")
+
+        applied = overflow = False
+        if all_finite == 1.0:
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            overflow = self.scaler.is_enabled() and self.scaler.get_scale() < scale
+            if not overflow:  # an fp16 overflow skipped LARS: the target stays too
+                self.model.update_target(tau)
+                applied = True
+        else:
+            self.bn_state.restore()
+        self.optimizer.zero_grad(set_to_none=True)
+        mark("optimizer+ema")
+        return StepOutcome(applied=applied, overflow=overflow, stop_signal=int(-minus_signal),
+                           checkpoint_due=minus_due < 0, parts=parts_sum / self.accum, out=out, data_wait=data_wait)
