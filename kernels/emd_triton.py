@@ -2,8 +2,9 @@
 
 Scope: one program per image pair (forward; two in backward); the whole (M, N) problem
 lives in registers, padded to a power-of-two tile BLOCK_M x BLOCK_N <= MAX_TILE: 128 x 64
-for fp16/bf16, 64 x 64 for fp32 (so M, N <= 128; 49 x 49 -> 64 x 64, 100 x 60 -> 128 x 64).
-Larger pairs go to the reference (impl="auto") or raise (impl="triton").
+for fp16/bf16 on sm_90, 64 x 64 (in area: 128 x 32 too) for fp32 and before sm_90 (so M, N <=
+128; 49 x 49 -> 64 x 64, 100 x 60 -> 128 x 64). Larger pairs go to the reference
+(impl="auto") or raise (impl="triton").
 
 Forward, one launch (`_emd_fwd_kernel`):
     1. one pass over the channels, BLOCK_C at a time:  acc_ij = x_i . y_j  (tl.dot, fp32
@@ -53,8 +54,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 from .emd import CROSS_FLOOR, EPS
 
-# BLOCK_M * BLOCK_N one program holds in registers without spilling (AOT check, sm_80/90).
-MAX_TILE = {torch.float16: 128 * 64, torch.bfloat16: 128 * 64, torch.float32: 64 * 64}
+# BLOCK_M * BLOCK_N one program holds in registers without spilling, compiled as launched
+# (AOT check of every tile, sm_80 and sm_90: tests/test_emd_compile.py, BENCHMARKS.md). Before
+# sm_90 the fp16/bf16 backward of a 64 x 128 tile runs out of registers (255 and a spill), so
+# there the half tiles stop at 4096 as well; the interpreter takes the sm_90 limits.
+MAX_TILE = {torch.float16: 128 * 64, torch.bfloat16: 128 * 64, torch.float32: 64 * 64}  # sm_90
+MAX_TILE_BEFORE_SM90 = {torch.float16: 64 * 64, torch.bfloat16: 64 * 64, torch.float32: 64 * 64}
 MAX_SIDE = 128  # M and N each
 FP32_DOT_PRECISION = "ieee"  # fp32 inputs: true fp32 products (tf32 would cost 1e-3 in c_ij)
 MULT_MIN_GAMMA = 0.025  # multiplicative form from here up: exp(-2 / gamma) >= exp(-80) is normal
@@ -66,6 +71,19 @@ def _interpreted() -> bool:
 
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
+
+
+def max_tile(dtype: torch.dtype, capability: int | None = None) -> int:
+    """The largest BLOCK_M * BLOCK_N for `dtype` on sm_`capability` (80, 86, 90, ...; None: the
+    interpreter, which takes the sm_90 limits)."""
+    return (MAX_TILE_BEFORE_SM90 if capability is not None and capability < 90 else MAX_TILE)[dtype]
+
+
+def _capability(x: torch.Tensor) -> int | None:
+    if not x.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 def check_supported(x: torch.Tensor, M: int, N: int, gamma: float, y: torch.Tensor | None = None) -> None:
@@ -85,11 +103,13 @@ def check_supported(x: torch.Tensor, M: int, N: int, gamma: float, y: torch.Tens
         )
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f'emd_similarity(impl="triton"): fp32, fp16 or bf16 only, got {x.dtype}')
-    max_tile = MAX_TILE[x.dtype]
-    if M > MAX_SIDE or N > MAX_SIDE or _block(M) * _block(N) > max_tile:
+    capability = _capability(x)
+    tile = max_tile(x.dtype, capability)
+    if M > MAX_SIDE or N > MAX_SIDE or _block(M) * _block(N) > tile:
+        on = f" on sm_{capability}" if capability is not None else ""
         raise ValueError(
             f'emd_similarity(impl="triton"): M x N = {M} x {N} is beyond the on-chip tile for '
-            f"{x.dtype} (M, N <= {MAX_SIDE} and M x N padded to powers of two <= {max_tile}); "
+            f"{x.dtype}{on} (M, N <= {MAX_SIDE} and M x N padded to powers of two <= {tile}); "
             'use impl="torch" or "auto"'
         )
 
@@ -119,8 +139,14 @@ def _bwd_launch_config(M: int, N: int, dtype: torch.dtype) -> dict:
     # fp32 inputs take the FMA dot ("ieee"), fp16/bf16 ones 3xTF32 ("tf32x3": tensor cores, about
     # fp32's accuracy). Plain tf32 is not enough: sum_j pi_ij yh_j - r_i xh_i cancels when the
     # two views agree (as training makes them), and tf32's truncated operands left 7% errors in
-    # the gradient there. Both fit BLOCK_C = 16 and 8 warps without spills (AOT, sm_80/90).
-    return dict(BLOCK_M=_block(M), BLOCK_N=_block(N), BLOCK_C=16, num_warps=8,
+    # the gradient there. Both fit BLOCK_C = 16 and 8 warps without spills (AOT, sm_80/90)
+    # up to a side of 64. A side of 128 is the other side's dot operand (K = 128, held across the
+    # channel loop): with Triton's default 3 pipeline stages it spilled at 255 registers, so
+    # there the channel loop is pipelined 2 deep (fp16/bf16: cp.async double buffering) or not
+    # at all (fp32: 32-127 registers instead of 255 and 100-270 bytes of spills).
+    BLOCK_M, BLOCK_N = _block(M), _block(N)
+    stages = 3 if max(BLOCK_M, BLOCK_N) <= 64 else 1 if dtype == torch.float32 else 2
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=16, num_warps=8, num_stages=stages,
                 DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "tf32x3")
 
 
@@ -415,70 +441,223 @@ class EMDSimilarityFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 # Ahead-of-time compilation (no GPU needed): registers, spills and shared memory per kernel
 # ---------------------------------------------------------------------------------------
+#
+# What runs on a GPU is what `JITFunction.run` compiles for the launch's arguments: besides the
+# signature and the constexprs it specialises every pointer whose address is a multiple of 16
+# and every integer divisible by 16 (`tt.divisibility = 16`: vector loads, cp.async) and turns
+# an integer equal to 1 into a constant. A compile that leaves these out (a bare ASTSource)
+# inspects a binary that never runs. So the AOT compile goes through the JIT itself:
+# `JITFunction.warmup` (= `run(warmup=True)`: the JIT's own binder, specialisation, options and
+# compile, no launch) with the launcher's arguments, the tensors replaced by stand-ins that carry
+# what the JIT reads of a tensor (dtype and address), under a stand-in driver that names the
+# target (this machine has no GPU to ask).
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+AOT_CAPABILITIES = (80, 90)
+AOT_ALIGNMENT = 512  # torch's CUDA caching allocator hands out blocks aligned to 512 bytes
 
 
-def aot_resource_usage(
-    capability: int, M: int, N: int, dtype: torch.dtype = torch.bfloat16, log_domain: bool = False,
-    cross: bool = False,
+class _AOTTensor:
+    """A tensor argument as the JIT's specialisation sees it: a dtype and an address."""
+
+    def __init__(self, dtype: torch.dtype, data_ptr: int):
+        self.dtype = dtype
+        self._data_ptr = data_ptr
+
+    def data_ptr(self) -> int:
+        return self._data_ptr
+
+
+class _AOTDriver:
+    """Stands in for triton's CUDA driver while the JIT compiles for a GPU this machine lacks:
+    `JITFunction.run` asks it for the device (a key of its kernel cache), the stream (not used
+    by a warmup) and the target (what `create_binder` compiles for)."""
+
+    def __init__(self, capability: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_device(self):
+        return f"aot-sm{self.target.arch}"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def _aot_driver(capability: int):
+    from triton.runtime.driver import driver
+
+    previous = driver._active  # None on a machine without a GPU (nothing created yet)
+    aot = _AOTDriver(capability)
+    driver.set_active(aot)
+    try:
+        yield aot.get_current_device()
+    finally:
+        driver.set_active(previous)
+
+
+def aot_launches(
+    M: int, N: int, C: int = 256, dtype: torch.dtype = torch.bfloat16, gamma: float = 0.05,
+    n_iters: int = 20, cross: bool = False, need_x: bool = True, need_y: bool = True,
+    aligned: bool = True,
 ) -> dict:
-    """Compile both kernels for `capability` (80, 90) as the launcher would for (M, N, dtype)
-    and return {"fwd": {...}, "bwd": {...}} with registers, spill bytes and shared memory.
+    """The launches `emd_forward` and `emd_backward` make for x (B, M, C), y (B, N, C) of
+    `dtype`: {"fwd": (kernel, args, kwargs), "bwd": (...)}, with the same arguments in the same
+    order (kept in step with the launchers by hand; the JIT's binder rejects a missing or
+    unknown one). Tensors are stand-ins at an address aligned to AOT_ALIGNMENT, as the launcher's
+    own allocations and contiguous copies are; `aligned=False` puts every one 4 bytes past it
+    (as a view 4 bytes into its storage would be: the JIT then specialises no pointer)."""
+    fp32 = torch.float32
+    addresses = iter(range(AOT_ALIGNMENT, AOT_ALIGNMENT * 64, AOT_ALIGNMENT))
 
-    Runs on a machine without a GPU: triton.compile with a GPUTarget, then the ptxas that
-    ships with triton (`-v`) for the spill counts. The interpreter replaces jit functions, so
-    this needs TRITON_INTERPRET unset in the calling process.
-    """
+    def t(dt):
+        return _AOTTensor(dt, next(addresses) + (0 if aligned else 4))
+
+    x, y = t(dtype), t(dtype)
+    fwd = (
+        _emd_fwd_kernel,
+        (x, y, t(fp32), t(fp32), t(fp32), t(fp32), M, N, C, float(gamma), int(n_iters)),
+        dict(EPS=EPS, CROSS_FLOOR=CROSS_FLOOR, CROSS=bool(cross), LOG_DOMAIN=gamma < MULT_MIN_GAMMA,
+             HALF_DOT=dtype != torch.float32, DOT_PRECISION=FP32_DOT_PRECISION,
+             **_launch_config(M, N, dtype)),
+    )
+    sides = int(need_x) + int(need_y)
+    grad_x, grad_y = t(dtype), t(dtype)
+    bwd = (
+        _emd_bwd_kernel,
+        (t(fp32), x, y, t(fp32), t(fp32), t(fp32), grad_x if need_x else x, grad_y if need_y else y,
+         M, N, C),
+        dict(SIDES=sides, FIRST_SIDE=0 if need_x else 1, **_bwd_launch_config(M, N, dtype)),
+    )
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def aot_compile(capability: int, kernel, args: tuple, kwargs: dict):
+    """Compile `kernel[grid](*args, **kwargs)` for sm_`capability` exactly as the JIT would at
+    that launch (its specialisation of the arguments included) and return (CompiledKernel,
+    ptxas log): `.asm["ptx"]`, `.metadata`, `.src.attrs`, and the `-v` report of the ptxas run
+    that made the cubin (Triton's own command line, which differs between versions: 3.7 adds
+    `--regAllocOptLevel=2`). Always a fresh compile (a cached kernel comes without a log).
+    Needs TRITON_INTERPRET unset (the interpreter replaces jit functions): run it in a
+    subprocess where the tests set it."""
+    import io
+
+    from triton import knobs
+
+    if _interpreted():
+        raise RuntimeError("AOT compiles need TRITON_INTERPRET unset (run them in a subprocess)")
+    log = io.StringIO()
+    with _aot_driver(capability) as device, knobs.compilation.scope(), knobs.nvidia.scope(), \
+            contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True  # past Triton's disk cache ...
+        knobs.nvidia.dump_ptxas_log = True  # ... to run ptxas and print its report
+        kernel.device_caches.pop(device, None)  # and past the JIT's kernels in memory
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+    return compiled, log.getvalue()
+
+
+def launch_specialization(compiled) -> dict:
+    """What the JIT specialised in a CompiledKernel, by argument name: {"divisible_by_16": [...],
+    "constant": {name: value}} (runtime arguments only; constexpr parameters are left out)."""
+    fn = compiled.src.fn
+    names = fn.arg_names
+    runtime = {p.num for p in fn.params if not p.is_constexpr}
+    divisible = sorted(
+        (names[k[0]] for k, attrs in compiled.src.attrs.items()
+         if len(k) == 1 and k[0] in runtime and ["tt.divisibility", 16] in [list(a) for a in attrs]),
+        key=names.index,
+    )
+    constant = {names[k[0]]: v for k, v in compiled.src.constants.items() if len(k) == 1 and k[0] in runtime}
+    return {"divisible_by_16": divisible, "constant": constant}
+
+
+def _ptxas_report(log: str) -> dict:
+    import re
+
+    def number(pattern):
+        found = re.findall(pattern, log)
+        if len(found) != 1:
+            raise RuntimeError(f"ptxas report: expected one {pattern!r} in:\n{log}")
+        return int(found[0])
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+    }
+
+
+def _spill_code(cubin: bytes) -> dict:
+    """Where the spill code sits in the SASS (the nvdisasm that ships with triton): the local
+    memory loads and stores (STL/LDL), and how many of them lie inside a loop (between a
+    backward branch and its target). Spill code outside every loop runs once per program."""
     import re
     import subprocess
     import tempfile
 
-    from triton.backends.compiler import GPUTarget
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        sass = subprocess.run([nvdisasm, "-c", fh.name], capture_output=True, text=True, check=True).stdout
+    instructions, labels, pending = [], {}, []  # (address, text), label -> address
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if ins:
+            address = int(ins.group(1), 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            instructions.append((address, ins.group(2)))
+    if not instructions:
+        raise RuntimeError(f"no SASS read from nvdisasm:\n{sass[:2000]}")
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA(?:\.\w+)*\s+`\((\.L_x_\d+)\)", text)
+        if branch and labels[branch.group(1)] <= address:
+            loops.append((labels[branch.group(1)], address))
+    spill = [address for address, text in instructions if re.match(r"(@!?U?P\w+\s+)?(STL|LDL)\b", text)]
+    return {"spill_instructions": len(spill),
+            "spill_instructions_in_loops": sum(any(lo <= a <= hi for lo, hi in loops) for a in spill)}
 
-    if _interpreted():
-        raise RuntimeError("aot_resource_usage needs TRITON_INTERPRET unset (run it in a subprocess)")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    target = GPUTarget("cuda", capability, 32)
-    gpu_name = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
-    cfg = _launch_config(M, N, dtype)
-    ty = _TRITON_DTYPE[dtype]
 
-    def compile_one(fn, signature, constexprs):
-        constexprs = dict(constexprs)
-        num_warps = constexprs.pop("num_warps")
-        signature = dict(signature, **{k: "constexpr" for k in constexprs})
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = os.path.join(tmp, "k.ptx")
-            with open(ptx, "w") as fh:
-                fh.write(kernel.asm["ptx"])
-            log = subprocess.run(
-                [ptxas, "-v", f"--gpu-name={gpu_name}", "-o", os.path.join(tmp, "k.cubin"), ptx],
-                capture_output=True, text=True, check=True,
-            ).stderr
-        return {
-            "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spill_stores": int(re.search(r"(\d+) bytes spill stores", log).group(1)),
-            "spill_loads": int(re.search(r"(\d+) bytes spill loads", log).group(1)),
-            "shared_bytes": int(kernel.metadata.shared),
-            "num_warps": num_warps,
-        }
+def aot_resource_usage(
+    capability: int, M: int, N: int, dtype: torch.dtype = torch.bfloat16, log_domain: bool = False,
+    cross: bool = False, C: int = 256, need_x: bool = True, need_y: bool = True,
+    aligned: bool = True, kernels: tuple = ("fwd", "bwd"),
+) -> dict:
+    """Compile `kernels` for sm_`capability` (80, 90) as launched for x (B, M, C), y (B, N, C)
+    of `dtype` (`aot_launches`; gamma 0.01 for the log form, 0.05 for the multiplicative one) and
+    return {"fwd": {...}, "bwd": {...}} (those compiled): registers and spill bytes (the report of the ptxas run
+    that made the cubin), where any spill code sits (`_spill_code`), static shared memory,
+    warps, stages, the number of cp.async copies in the PTX and what the JIT specialised
+    (`launch_specialization`). Runs without a GPU."""
+    import re
 
-    fwd = compile_one(
-        _emd_fwd_kernel,
-        {"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "s_ptr": "*fp32", "plan_ptr": "*fp32",
-         "aux_x_ptr": "*fp32", "aux_y_ptr": "*fp32", "M": "i32", "N": "i32", "C": "i32",
-         "gamma": "fp32", "n_iters": "i32"},
-        dict(EPS=EPS, CROSS_FLOOR=CROSS_FLOOR, CROSS=cross, LOG_DOMAIN=log_domain,
-             HALF_DOT=dtype != torch.float32, DOT_PRECISION=FP32_DOT_PRECISION, **cfg),
-    )
-    bwd = compile_one(
-        _emd_bwd_kernel,
-        {"grad_s_ptr": "*fp32", "x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "plan_ptr": "*fp32",
-         "aux_x_ptr": "*fp32", "aux_y_ptr": "*fp32", "grad_x_ptr": f"*{ty}", "grad_y_ptr": f"*{ty}",
-         "M": "i32", "N": "i32", "C": "i32"},
-        dict(SIDES=2, FIRST_SIDE=0, **_bwd_launch_config(M, N, dtype)),
-    )
-    return {"fwd": fwd, "bwd": bwd}
+    launches = aot_launches(M, N, C, dtype, gamma=0.01 if log_domain else 0.05, cross=cross,
+                            need_x=need_x, need_y=need_y, aligned=aligned)
+    out = {}
+    for name in kernels:
+        kernel, args, kwargs = launches[name]
+        compiled, log = aot_compile(capability, kernel, args, kwargs)
+        ptx = compiled.asm["ptx"]
+        report = _ptxas_report(log)
+        spilled = report["spill_stores"] or report["spill_loads"]
+        out[name] = dict(
+            report,
+            **(_spill_code(compiled.asm["cubin"]) if spilled else
+               {"spill_instructions": 0, "spill_instructions_in_loops": 0}),
+            shared_bytes=int(compiled.metadata.shared),
+            num_warps=int(compiled.metadata.num_warps),
+            num_stages=int(compiled.metadata.num_stages),
+            cp_async=len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
+            **launch_specialization(compiled),
+        )
+    return out
