@@ -276,8 +276,7 @@ def profile_e2e(args) -> dict:
         t0 = time.perf_counter()
         v1, v2 = next(stream)  # host time blocked on the loader = data wait
         wait += time.perf_counter() - t0
-        step(v1.to(device, memory_format=step.format, non_blocking=True),
-             v2.to(device, memory_format=step.format, non_blocking=True))
+        step(v1, v2)  # TrainStep moves them to the device, in the step's memory format
     _sync(device)
     total = time.perf_counter() - start
     stream.close()
@@ -293,12 +292,12 @@ def _epoch_boundaries(args, build_loader, step: Step, cfg) -> dict:
     writes the step's checkpoint (model, optimizer: what `fastemd train` saves):
       before: each epoch's loader started afresh (the reference loader re-forks its workers,
               DALI builds its pipeline at the boundary), and a synchronous checkpoint write;
-      after, no checkpoint: the same loader with no checkpoint (what remains of the stall);
       after:  what `fastemd train` does now: the loader spans epochs (workers kept, the next
               DALI pipeline built ahead) and the checkpoint is written in the background
               (`CheckpointWriter`: only the host snapshot blocks). `fastemd train` no longer
               checkpoints at epoch ends at all; one here is the worst case, a wall-clock or
-              step checkpoint falling on a boundary.
+              step checkpoint falling on a boundary;
+      after, no checkpoint: the same loader with no checkpoint (what remains of the stall).
     A step's time runs from the end of the step before to the end of this one (synchronised), so
     it holds the wait for data and anything done between the steps. The stall is the mean time
     of the first step of epochs 1.. (epoch 0 is the warm-up) less the median of the other steps,
@@ -319,8 +318,7 @@ def _epoch_boundaries(args, build_loader, step: Step, cfg) -> dict:
             last = time.perf_counter()
             for epoch in range(args.epochs):
                 for i, (v1, v2) in enumerate(loader.epoch(epoch)):
-                    step(v1.to(step.device, memory_format=step.format, non_blocking=True),
-                         v2.to(step.device, memory_format=step.format, non_blocking=True))
+                    step(v1, v2)  # TrainStep moves them to the device, in the step's memory format
                     _sync(step.device)
                     now = time.perf_counter()
                     times.append((epoch, i, now - last))

@@ -297,6 +297,8 @@ class DaliTwoViewLoader:
         through the last batches of the epoch before: at the boundary the next batch is ready (a
         build on the GPU is decoder and buffer set-up, then a whole batch's decode). Anything
         that goes wrong there (a bad file, a failed build) leaves it to `epoch` to do as usual."""
+        if self._ahead is not None:
+            return
         ahead = {"epoch": epoch, "files": None, "pipe": None, "first": None, "error": None}
 
         def build():
@@ -307,8 +309,6 @@ class DaliTwoViewLoader:
             except BaseException as e:  # noqa: BLE001 - reported by the normal path, if at all
                 ahead["error"] = e
 
-        if self._ahead is not None:
-            return
         ahead["thread"] = threading.Thread(target=build, name="fastemd-dali-ahead", daemon=True)
         ahead["thread"].start()
         self._ahead = ahead
