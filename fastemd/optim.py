@@ -13,8 +13,10 @@ when the parameter groups are built, so no list of names can go stale. `trust_ra
 turns LARS into SGD with momentum (and the same weight-decay exclusion): `optim.name = "sgd"`.
 
 The step is written with foreach ops over whole parameter groups, and the trust ratio with
-`torch.where` on stacked norms: no `.item()`, no host synchronisation, no Python loop that
-launches a kernel per parameter. It runs unchanged under `GradScaler` (which unscales the
+`torch.where` on stacked norms: no `.item()`, no host synchronisation. Eager, one op launches a
+kernel per weight tensor: the multiply by the trust ratio, a device scalar per tensor, which no
+foreach fast path takes. `LARS.compile_step()` (the trainer calls it when it compiles the model)
+generates the whole update instead, with lr and weight decay as device tensors. It runs unchanged under `GradScaler` (which unscales the
 gradients and skips non-finite steps before calling it) and with bf16 autocast (parameters
 and gradients stay fp32).
 
@@ -72,13 +74,30 @@ class LARS(torch.optim.Optimizer):
             if part:
                 super().add_param_group({**param_group, "params": part, "exclude": exclude})
 
+    def compile_step(self, backend: str = "inductor") -> None:
+        """Run every later `step()` through torch.compile (fullgraph, static shapes).
+
+        Eager LARS is a few foreach kernels per group plus one kernel per weight tensor: the
+        trust ratio is a device scalar per tensor, which no foreach fast path takes (the
+        alternative is a host read). Compiled, the group's update is generated code with the
+        ratios read on the device. lr and weight decay then enter as 0-d device tensors, refreshed
+        from the group's floats with `fill_` (a kernel argument: no copy, no host sync), so the
+        schedules never recompile it: one graph per group (weights with the trust ratio; 1-D
+        parameters without), compiled at the first step. `backend` as the model's ("aot_eager"
+        traces without code generation); the mode stays the default (no CUDA graphs: the update
+        writes the parameters in place).
+        """
+        self._compiled = torch.compile(_update_group, fullgraph=True, dynamic=False, backend=backend)
+        self._hyper: dict[int, torch.Tensor] = {}
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        update = getattr(self, "_compiled", None) or _update_group
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -89,27 +108,50 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
-
             adapt = not group["exclude"]
-            wd = group["weight_decay"] if adapt else 0.0
-            update = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads  # d = g + wd * w
-            if adapt and group["trust_ratio"]:
-                w_norm = torch.stack(torch._foreach_norm(params))  # (P,)
-                d_norm = torch.stack(torch._foreach_norm(update))  # (P,)
-                # torch.where, not `if`: the norms stay on the device (no host sync). A zero
-                # weight (fresh zero-init) or a zero update keeps ratio 1, as in SimCLR/BYOL.
-                ratio = torch.where(
-                    (w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, torch.ones_like(w_norm)
-                )  # (P,)
-                if update is grads:
-                    update = torch._foreach_mul(grads, ratio.unbind(0))
-                else:
-                    torch._foreach_mul_(update, ratio.unbind(0))
-            # buf = momentum * buf + update; w = w - lr * buf (torch.optim.SGD's order: dampening 0)
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, update)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            lr, wd = group["lr"], group["weight_decay"] if adapt else 0.0
+            if update is not _update_group:  # compiled: the floats travel as device tensors
+                hyper = self._hyper.get(index)
+                if hyper is None:
+                    hyper = self._hyper[index] = torch.zeros(2, dtype=params[0].dtype, device=params[0].device)
+                hyper[0].fill_(lr)
+                if adapt:
+                    hyper[1].fill_(wd)
+                lr, wd = hyper[0], hyper[1]
+            update(params, grads, bufs, lr, wd if adapt else None, momentum=group["momentum"], eta=group["eta"],
+                   trust=adapt and group["trust_ratio"])
         return loss
+
+
+def _update_group(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                  lr: float | torch.Tensor, wd: float | torch.Tensor | None, *, momentum: float, eta: float,
+                  trust: bool) -> None:
+    """One parameter group's LARS step, in place (module docstring). lr and wd are floats
+    (eager) or 0-d device tensors (compiled, so that their changes don't recompile); wd None:
+    a group of 1-D parameters, no weight decay."""
+    if wd is None or (not isinstance(wd, torch.Tensor) and wd == 0):
+        update = grads
+    elif isinstance(wd, torch.Tensor):
+        update = torch._foreach_add(grads, torch._foreach_mul(params, wd))  # d = g + wd * w
+    else:
+        update = torch._foreach_add(grads, params, alpha=wd)
+    if trust:
+        w_norm = torch.stack(torch._foreach_norm(params))  # (P,)
+        d_norm = torch.stack(torch._foreach_norm(update))  # (P,)
+        # torch.where, not `if`: the norms stay on the device (no host sync). A zero weight
+        # (fresh zero-init) or a zero update keeps ratio 1, as in SimCLR/BYOL.
+        ratio = torch.where((w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, torch.ones_like(w_norm))  # (P,)
+        if update is grads:  # the gradients themselves are never scaled
+            update = torch._foreach_mul(grads, ratio.unbind(0))
+        else:
+            torch._foreach_mul_(update, ratio.unbind(0))
+    # buf = momentum * buf + update; w = w - lr * buf (torch.optim.SGD's order: dampening 0)
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, update)
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
+    else:
+        torch._foreach_add_(params, bufs, alpha=-lr)
 
 
 def param_groups_by_shape(params: Iterable[nn.Parameter]) -> list[dict]:

@@ -28,6 +28,18 @@ from torch import nn
 KEYS = ("loss", "loss_emd", "loss_global", "similarity")  # the parts a step returns, in this order
 
 
+def compile_for_training(step_model: nn.Module, optimizer: torch.optim.Optimizer, train_cfg) -> nn.Module:
+    """torch.compile as `fastemd train` does (and so `profile step|e2e`): the model, statically
+    (every batch of a run has the same shapes: the loaders pad or drop, so a shape change
+    recompiles statically instead of going symbolic), in `train.compile_mode` with
+    `train.compile_backend`; and LARS' update (`LARS.compile_step`: one graph per parameter
+    group, default mode). Returns the compiled model to call."""
+    mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
+    if hasattr(optimizer, "compile_step"):
+        optimizer.compile_step(backend=train_cfg.compile_backend)
+    return torch.compile(step_model, mode=mode, backend=train_cfg.compile_backend, dynamic=False)
+
+
 class BufferSnapshot:
     """A copy of a module's buffers (BatchNorm running statistics: fp32 means and variances,
     int64 counters) to put back after a step that must change nothing. The copies are allocated

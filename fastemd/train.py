@@ -64,7 +64,7 @@ from fastemd.config import Config, to_toml
 from fastemd.dashboard import Dashboard, Meter, now
 from fastemd.health import KEYS as HEALTH_KEYS
 from fastemd.health import HealthMonitor, health_metrics, health_summary
-from fastemd.step import KEYS, TrainStep
+from fastemd.step import KEYS, TrainStep, compile_for_training
 
 
 class TrainingError(RuntimeError):
@@ -445,10 +445,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None,
                                                          **(_no_buffer_broadcast() if sync_bn else {}))
     if cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda):
-        # dynamic=False: every batch of a run has the same shapes (the loaders pad or drop), so
-        # static kernels; a shape change recompiles statically instead of going symbolic.
-        step_model = torch.compile(step_model, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode,
-                                   backend=cfg.train.compile_backend, dynamic=False)
+        step_model = compile_for_training(step_model, optimizer, cfg.train)  # the model and LARS' update
 
     # ---- what we report ---------------------------------------------------------------------
     from fastemd.flops import flops_per_pair, peak_flops

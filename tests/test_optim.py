@@ -42,11 +42,21 @@ def batch(seed):
     return torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)
 
 
-def test_lars_without_trust_ratio_is_sgd_step_for_step():
+def compiled(opt: LARS, backend: str | None) -> LARS:
+    """opt, with its update compiled by `backend` (None: eager, as built)."""
+    if backend is not None:
+        torch._dynamo.reset()  # a fresh cache and fresh counters for each test's graphs
+        torch._dynamo.utils.counters.clear()
+        opt.compile_step(backend)
+    return opt
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_lars_without_trust_ratio_is_sgd_step_for_step(backend):
     net_a = tiny_net()
     net_b = copy.deepcopy(net_a)
     wd, momentum = 0.05, 0.9
-    lars = LARS(net_a.parameters(), lr=0.0, momentum=momentum, weight_decay=wd, trust_ratio=False)
+    lars = compiled(LARS(net_a.parameters(), lr=0.0, momentum=momentum, weight_decay=wd, trust_ratio=False), backend)
     # The oracle: torch's SGD with the same exclusion written out by hand (no wd on 1-D tensors).
     matrices = [p for p in net_b.parameters() if p.ndim > 1]
     vectors = [p for p in net_b.parameters() if p.ndim <= 1]
@@ -69,10 +79,11 @@ def test_lars_without_trust_ratio_is_sgd_step_for_step():
     assert not torch.equal(net_a[0].weight, tiny_net()[0].weight)
 
 
-def test_trust_ratio_matches_hand_computed_steps():
+@pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"])
+def test_trust_ratio_matches_hand_computed_steps(backend):
     w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
     b = nn.Parameter(torch.tensor([1.0, -2.0]))  # 1-D: no wd, no trust ratio
-    opt = LARS([w, b], lr=0.5, momentum=0.9, weight_decay=0.1, eta=1e-3)
+    opt = compiled(LARS([w, b], lr=0.5, momentum=0.9, weight_decay=0.1, eta=1e-3), backend)
     w.grad = torch.tensor([[0.6, 0.8]])
     b.grad = torch.tensor([0.5, 0.5])
     opt.step()
@@ -224,6 +235,51 @@ def test_step_traces_as_one_graph():
         torch.compile(branching, fullgraph=True, backend="eager")(torch.ones(3))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_equals_eager_and_the_schedules_never_recompile(backend):
+    """LARS.compile_step (the trainer's, with the model): the same steps as eager LARS while lr
+    and weight decay change every step, as the schedules do, from two graphs (weights with the
+    trust ratio; 1-D parameters without) compiled at the first step and never again."""
+    net = tiny_net()
+    ref = copy.deepcopy(net)
+    opt = compiled(LARS(net.parameters(), momentum=0.9, weight_decay=1e-3), backend)
+    opt_ref = LARS(ref.parameters(), momentum=0.9, weight_decay=1e-3)
+    for step in range(5):
+        x, y = batch(step)
+        for o, n in ((opt, net), (opt_ref, ref)):
+            for g in o.param_groups:
+                g["lr"], g["weight_decay"] = 0.1 * (step + 1), 1e-3 * (5 - step)
+            o.zero_grad()
+            loss_of(n, x, y).backward()
+            o.step()
+        for p, q in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # a recompile would add one
+    assert not counters["graph_break"]
+    assert not torch.equal(net[0].weight, tiny_net()[0].weight)  # it trained
+
+
+@pytest.mark.gpu
+def test_compiled_step_on_cuda_equals_eager():
+    """Inductor's CUDA code for the update (fused Triton kernels), against eager LARS on the GPU."""
+    net = tiny_net().cuda()
+    ref = copy.deepcopy(net)
+    opt = compiled(LARS(net.parameters(), momentum=0.9, weight_decay=1e-3), "inductor")
+    opt_ref = LARS(ref.parameters(), momentum=0.9, weight_decay=1e-3)
+    for step in range(3):
+        x, y = (t.cuda() for t in batch(step))
+        for o, n in ((opt, net), (opt_ref, ref)):
+            for g in o.param_groups:
+                g["lr"] = 0.1 * (step + 1)
+            o.zero_grad()
+            loss_of(n, x, y).backward()
+            o.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
 def test_grad_scaler_step_equals_unscaled_step_and_skips_inf():
     net = tiny_net()
     ref = copy.deepcopy(net)
@@ -270,15 +326,18 @@ def test_step_under_autocast(dtype):
     assert not torch.equal(net[0].weight, ref[0].weight)
 
 
-def test_state_dict_round_trip():
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_state_dict_round_trip(backend):
     net = tiny_net()
-    opt = LARS(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt = compiled(LARS(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3), backend)
     for step in range(3):
         opt.zero_grad()
         loss_of(net, *batch(step)).backward()
         opt.step()
     net2 = copy.deepcopy(net)
     opt2 = LARS(net2.parameters(), lr=0.5, momentum=0.5, weight_decay=0.0)  # wrong on purpose
+    if backend is not None:
+        opt2.compile_step(backend)  # compiled before the load, as the trainer resumes
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert [g["exclude"] for g in opt2.param_groups] == [g["exclude"] for g in opt.param_groups]
     for step in range(3, 6):

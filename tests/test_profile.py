@@ -24,6 +24,8 @@ def test_profile_step_ladder_json(capsys):
     assert first["images_per_s"] == pytest.approx(4 / (first["ms_per_step"] / 1000))
     assert list(result["phases_ms"]) == ["bn snapshot", "forward", "backward", "host read", "optimizer+ema"]
     assert all(v > 0 for v in result["phases_ms"].values())
+    assert all(list(r["phases_ms"]) == list(result["phases_ms"]) for r in result["rungs"])  # each rung's split
+    assert result["phases_ms"] == result["rungs"][-1]["phases_ms"]
     assert result["gflops_per_pair"] > 0 and first["mfu"] is None  # no known peak for a CPU
 
 
@@ -31,7 +33,7 @@ def test_profile_step_table_and_bad_rung(capsys):
     assert main(["profile", "step", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0",
                  "--rungs", "fp32", *TINY]) == 0
     out = capsys.readouterr().out
-    assert "training step: resnet18" in out and "phase split" in out
+    assert "training step: resnet18" in out and "phase split" in out and "LARS+EMA ms" in out
     with pytest.raises(SystemExit, match="unknown rung 'fast'"):
         main(["profile", "step", "--device", "cpu", "--rungs", "fp32,fast", *TINY])
 

@@ -171,8 +171,9 @@ if step:
     for i, r in enumerate(step["rungs"]):
         mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f} GB"
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
+        lars = f"  LARS+EMA {r['phases_ms']['optimizer+ema']:.2f} ms" if "phases_ms" in r else ""
         rows.append((f"step {label(i, r['rung'])}",
-                     f"{r['images_per_s']:,.0f} img/s  {r['ms_per_step']:.1f} ms  x{r['speedup']:.2f}  {mem}  MFU {mfu}"))
+                     f"{r['images_per_s']:,.0f} img/s  {r['ms_per_step']:.1f} ms  x{r['speedup']:.2f}  {mem}  MFU {mfu}{lars}"))
     if step.get("phases_ms"):
         rows.append(("step phases (last rung)", " | ".join(f"{k} {v:.1f} ms" for k, v in step["phases_ms"].items())))
 sweep = last_json("profile_sweep")
