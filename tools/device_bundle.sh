@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Packs the Python packages that the lent GPU machines lack (DALI for CUDA 13 with the nvImageCodec,
-# nvJPEG and nvCOMP libraries it loads, and pycocotools) for the device tool, which carries at most
-# 64 MiB a call, working tree included, and reaches no package index.
+# Packs the Python packages that the lent GPU machines lack (DALI for CUDA 13 with the nvImageCodec
+# and nvJPEG libraries it loads to decode JPEGs, and pycocotools) for the device tool, which carries
+# at most 64 MiB a call, working tree included, and reaches no package index.
 #
 # Writes .device/part1/, .device/part2/, ... (git-ignored), each under PART_MIB (default 58) MiB:
 # one xz-compressed tar of the packages' files, ready to unpack into site-packages, split in pieces,
@@ -24,6 +24,11 @@ part_mib=${PART_MIB:-58}
 out=$repo/.device
 # On the device image already (KINDS.md of the device tool): left out, so that its versions stay.
 on_image='^(numpy|scipy|pyyaml|six|packaging|typing_extensions|wheel)-'
+# What decoding COCO's JPEGs never loads (BENCHMARKS.md, "Running it with DALI"): DALI's wheel
+# requires them, but links none: libdali_operators.so dlopens nvCOMP only for the operators that
+# decompress, and nvImageCodec loads one extension a format (JPEG 2000 and TIFF ones dropped below).
+# nvJPEG (GPU decoding) and libjpeg-turbo (the CPU fallback) stay.
+not_for_jpeg='^nvidia_(libnvcomp|nvjpeg2k|nvtiff)_'
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -38,7 +43,7 @@ $py -m pip download -q --only-binary=:all: --python-version "$pyver" --implement
 held=()
 for wheel in "$stage/wheels"/*.whl; do
   name=$(basename "$wheel")
-  [[ $name =~ $on_image ]] && continue
+  [[ $name =~ $on_image || $name =~ $not_for_jpeg ]] && continue
   held+=("${name%%-*}")
   unzip -q -o "$wheel" -d "$stage/site"
 done
@@ -48,6 +53,7 @@ done
 abi="cpython-${pyver/./}-"
 find "$stage/site" -name '*.cpython-3*' ! -name "*${abi}*" -delete
 rm -rf "$stage/site/nvidia/dali/include" "$stage/site"/*.data "$stage/site/nvidia/__init__.py"
+rm -f "$stage/site/nvidia/nvimgcodec/extensions"/lib{nvjpeg2k,nvtiff,tiff}_ext.so*
 [ -n "$(find "$stage/site/nvidia/dali" -name "backend_impl.${abi}*")" ] \
   || { echo "device_bundle: $dali has no extension for CPython $pyver" >&2; exit 1; }
 
