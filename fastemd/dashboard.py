@@ -59,6 +59,8 @@ def format_line(m: dict) -> str:
         parts.append(f"mem {m['peak_mem_gb']:.1f}G")
     if m.get("mfu") is not None:
         parts.append(f"mfu {100 * m['mfu']:.0f}%")
+    if m.get("ckpt_ms"):  # the window held a checkpoint: what the steps waited for it
+        parts.append(f"ckpt {m['ckpt_ms']:.0f} ms")
     parts += [f"skipped {m['skipped_steps']}", f"eta {_eta(m.get('eta_s'))}"]
     if m.get("health_warning"):
         parts.append(f"WARNING {m['health_warning']}")

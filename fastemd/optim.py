@@ -16,9 +16,9 @@ The step is written with foreach ops over whole parameter groups, and the trust 
 `torch.where` on stacked norms: no `.item()`, no host synchronisation. Eager, one op launches a
 kernel per weight tensor: the multiply by the trust ratio, a device scalar per tensor, which no
 foreach fast path takes. `LARS.compile_step()` (the trainer calls it when it compiles the model)
-generates the whole update instead, with lr and weight decay as device tensors. It runs unchanged under `GradScaler` (which unscales the
-gradients and skips non-finite steps before calling it) and with bf16 autocast (parameters
-and gradients stay fp32).
+generates the whole update instead, with lr and weight decay as device tensors. It runs
+unchanged under `GradScaler` (which unscales the gradients and skips non-finite steps before
+calling it) and with bf16 autocast (parameters and gradients stay fp32).
 
 Schedules are numpy arrays indexed by the global step (DINO's `cosine_scheduler`): nothing to
 checkpoint, trivial to test and plot.
@@ -27,6 +27,7 @@ checkpoint, trivial to test and plot.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Iterable
 
 import numpy as np
@@ -87,7 +88,13 @@ class LARS(torch.optim.Optimizer):
         traces without code generation); the mode stays the default (no CUDA graphs: the update
         writes the parameters in place).
         """
-        self._compiled = torch.compile(_update_group, fullgraph=True, dynamic=False, backend=backend)
+        # Dynamo keeps compiled graphs, and its limit of 8 recompiles, on the function's code
+        # object: a copy of it per optimizer, so that several LARS in one process (a sweep, a
+        # notebook, the tests) never add up to the limit, where fullgraph=True fails the step.
+        code = _update_group.__code__.replace()
+        own = types.FunctionType(code, _update_group.__globals__, _update_group.__name__)
+        own.__kwdefaults__ = _update_group.__kwdefaults__
+        self._compiled = torch.compile(own, fullgraph=True, dynamic=False, backend=backend)
         self._hyper: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -96,7 +103,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        update = getattr(self, "_compiled", None) or _update_group
+        apply = getattr(self, "_compiled", None) or _update_group
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -109,17 +116,19 @@ class LARS(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
             adapt = not group["exclude"]
-            lr, wd = group["lr"], group["weight_decay"] if adapt else 0.0
-            if update is not _update_group:  # compiled: the floats travel as device tensors
+            lr = group["lr"]
+            wd = group["weight_decay"] if adapt else None  # None: 1-D parameters, no weight decay
+            if apply is not _update_group:  # compiled: the floats travel as fp32 device tensors
                 hyper = self._hyper.get(index)
                 if hyper is None:
-                    hyper = self._hyper[index] = torch.zeros(2, dtype=params[0].dtype, device=params[0].device)
+                    hyper = self._hyper[index] = torch.zeros(2, dtype=torch.float32, device=params[0].device)
                 hyper[0].fill_(lr)
-                if adapt:
+                lr = hyper[0]
+                if wd is not None:
                     hyper[1].fill_(wd)
-                lr, wd = hyper[0], hyper[1]
-            update(params, grads, bufs, lr, wd if adapt else None, momentum=group["momentum"], eta=group["eta"],
-                   trust=adapt and group["trust_ratio"])
+                    wd = hyper[1]
+            apply(params, grads, bufs, lr, wd, momentum=group["momentum"], eta=group["eta"],
+                  trust=adapt and group["trust_ratio"])
         return loss
 
 
@@ -127,8 +136,8 @@ def _update_group(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: l
                   lr: float | torch.Tensor, wd: float | torch.Tensor | None, *, momentum: float, eta: float,
                   trust: bool) -> None:
     """One parameter group's LARS step, in place (module docstring). lr and wd are floats
-    (eager) or 0-d device tensors (compiled, so that their changes don't recompile); wd None:
-    a group of 1-D parameters, no weight decay."""
+    (eager) or 0-d fp32 device tensors (compiled, so that their changes don't recompile; then a
+    weight decay of 0 still adds 0 * w); wd None: a group of 1-D parameters, no weight decay."""
     if wd is None or (not isinstance(wd, torch.Tensor) and wd == 0):
         update = grads
     elif isinstance(wd, torch.Tensor):

@@ -479,6 +479,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     warning = None  # the health warning shown now, if any
     last_metrics: dict = {}  # the last log step's, for the summary
     window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None
+    window_ckpt = 0.0  # seconds the steps of the log window waited for checkpoints (their blocking part)
     smooth = Meter()
     bad_in_row = 0
     overflows = 0  # fp16 steps the GradScaler skipped
@@ -492,7 +493,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         # Every rank calls this at the same steps (stopping and the wall-clock cadence are agreed
         # on in the step's one reduction): the data loaders' states are gathered, and rank 0
         # snapshots the state; its writer thread puts it on disk while training goes on.
-        nonlocal saved_at, saved_time
+        nonlocal saved_at, saved_time, window_ckpt
         if saved_at == step:
             return
         saved_at, saved_time = step, now()
@@ -512,6 +513,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         }
         with write_errors():
             writer.save(state, step)
+        window_ckpt += now() - saved_time  # what the steps waited for: the gather and the snapshot (ckpt_ms)
 
     @contextlib.contextmanager
     def write_errors():
@@ -576,7 +578,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                         m.update(step=step, total_steps=run_steps, epoch=epoch, step_in_epoch=step_in_epoch + 1,
                                  loss_smooth=smooth.update(m["loss"]), lr=float(lr_sched[step - 1]),
                                  tau=float(tau_sched[step - 1]), skipped_steps=skipped, fp16_overflows=overflows,
-                                 skipped_files=getattr(loader, "skipped_files", 0),
+                                 skipped_files=getattr(loader, "skipped_files", 0), ckpt_ms=1000 * window_ckpt,
                                  peak_mem_gb=torch.cuda.max_memory_allocated(env.device) / 1e9 if cuda else None)
                         elapsed = now() - window_start
                         if timed_steps:
@@ -606,6 +608,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                                     tb.add_scalar(f"train/{k}", m[k], step)
                         window.zero_()
                         window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, now()
+                        window_ckpt = 0.0
 
                     with write_errors():
                         writer.raise_error()  # a background write that failed stops the run here

@@ -27,6 +27,11 @@ def test_plain_line_without_timing_or_gpu():
     assert "ms/step" not in line and "mem" not in line and "eta -" in line
 
 
+def test_plain_line_names_a_checkpoints_wait_only_when_there_was_one():
+    assert "ckpt" not in format_line({**METRICS, "ckpt_ms": 0.0})
+    assert "ckpt 46 ms" in format_line({**METRICS, "ckpt_ms": 46.2})
+
+
 def test_rich_panel_renders_metrics():
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=140, color_system=None)

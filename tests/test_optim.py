@@ -260,6 +260,24 @@ def test_compiled_step_equals_eager_and_the_schedules_never_recompile(backend):
     assert not torch.equal(net[0].weight, tiny_net()[0].weight)  # it trained
 
 
+def test_one_process_compiles_any_number_of_optimizers():
+    """Each LARS compiles its own copy of the update: dynamo's limit of 8 graphs per code object
+    (where fullgraph=True fails the step) is per optimizer, not shared by a process that builds
+    several models (a sweep, a notebook). Shared, the fifth model here failed its first step."""
+    torch._dynamo.reset()
+    for k in range(7):  # 7 models of different shapes: 14 graphs
+        net = nn.Sequential(nn.Linear(4, 4 + k), nn.Linear(4 + k, 2))
+        ref = copy.deepcopy(net)
+        opt = LARS(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        opt.compile_step("eager")
+        opt_ref = LARS(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        for o, n in ((opt, net), (opt_ref, ref)):
+            n(torch.ones(3, 4)).sum().backward()
+            o.step()
+        for p, q in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.gpu
 def test_compiled_step_on_cuda_equals_eager():
     """Inductor's CUDA code for the update (fused Triton kernels), against eager LARS on the GPU."""
@@ -271,7 +289,7 @@ def test_compiled_step_on_cuda_equals_eager():
         x, y = (t.cuda() for t in batch(step))
         for o, n in ((opt, net), (opt_ref, ref)):
             for g in o.param_groups:
-                g["lr"] = 0.1 * (step + 1)
+                g["lr"], g["weight_decay"] = 0.1 * (step + 1), 1e-3 * (3 - step)
             o.zero_grad()
             loss_of(n, x, y).backward()
             o.step()

@@ -53,7 +53,11 @@ done
 abi="cpython-${pyver/./}-"
 find "$stage/site" -name '*.cpython-3*' ! -name "*${abi}*" -delete
 rm -rf "$stage/site/nvidia/dali/include" "$stage/site"/*.data "$stage/site/nvidia/__init__.py"
-rm -f "$stage/site/nvidia/nvimgcodec/extensions"/lib{nvjpeg2k,nvtiff,tiff}_ext.so*
+for ext in nvjpeg2k nvtiff tiff; do  # nvImageCodec's JPEG 2000 and TIFF decoders
+  found=("$stage/site/nvidia/nvimgcodec/extensions/lib${ext}_ext.so"*)
+  [ -e "${found[0]}" ] || { echo "device_bundle: no nvImageCodec lib${ext}_ext to leave out (renamed?)" >&2; continue; }
+  rm -f "${found[@]}"
+done
 [ -n "$(find "$stage/site/nvidia/dali" -name "backend_impl.${abi}*")" ] \
   || { echo "device_bundle: $dali has no extension for CPython $pyver" >&2; exit 1; }
 
