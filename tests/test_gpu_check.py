@@ -77,7 +77,7 @@ def test_quick_mode_runs_every_part_and_a_part_cut_by_its_timeout_leaves_the_oth
     for row in ("emd fwd+bwd B8 9x9", "step fp32", "step + channels_last", "step phases (last rung)", "e2e"):
         assert row in rows, row
     assert "deselected" in rows["gpu tests"]  # the gpu tests' own summary line: pytest ran and selected by marker
-    assert rows["cuda trainer tests"] == "3 skipped"  # tests/test_train.py's gpu tests, collected first
+    assert rows["cuda trainer tests"] == "4 skipped"  # tests/test_train.py's gpu tests, collected first
     assert "epoch boundary after" not in rows and "FAILED" not in table
     if "profile_data" in status:
         assert status["profile_data"][0] in ("0", "nodali")
