@@ -102,18 +102,46 @@ def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     return (np.clip(image, 0, 1) * 255).astype(np.uint8), objects
 
 
+def _is_demo_json(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text())["info"]["description"].startswith("fastemd demo dataset")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _not_ours(root: Path, split: str) -> str | None:
+    """Why writing the demo's `split` under `root` would overwrite something of the user's (a real
+    COCO has the same file names), or None: the json and the images' folder must be absent, empty
+    or an earlier demo's."""
+    json_path = root / "annotations" / f"instances_{split}.json"
+    if json_path.exists():
+        if not _is_demo_json(json_path):
+            return f"{json_path} exists and is not a fastemd demo dataset; choose a new or empty folder"
+        return None  # an earlier demo (made again: its own files)
+    folder = root / split
+    if folder.is_dir() and any(folder.iterdir()):
+        return f"{folder} holds files and no demo annotations; choose a new or empty folder"
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file; choose a new or empty folder"
+    return None
+
+
 def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, quality: int = 90,
-                   split: str = "train2017") -> Path:
+                   split: str = "train2017", replace: bool = False) -> Path:
     """Write the `split` of the demo dataset under `root` and return its annotation file's path.
 
     Files are written to temporary names and renamed, and the json last: a dataset whose json
-    exists is complete.
+    exists is complete. Nothing but an earlier demo is overwritten: a `root` holding other files
+    under the demo's names (COCO's own layout) raises FileExistsError, unless `replace` (fastemd's
+    own cache folder).
     """
     from PIL import Image
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     root = Path(root)
+    if not replace and (problem := _not_ours(root, split)):
+        raise FileExistsError(problem)
     (root / split).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -150,4 +178,5 @@ def ensure_demo_data(root: str | Path | None = None, split: str = "train2017") -
                 return json_path
         except (ValueError, KeyError, TypeError):
             pass  # a damaged or different dataset (or an earlier generator's) is made again below
-    return make_demo_data(root, num_images=num_images, seed=seed, split=split)
+    # fastemd's cache folder is fastemd's: a damaged dataset there is made again; elsewhere only a demo is
+    return make_demo_data(root, num_images=num_images, seed=seed, split=split, replace=root == default_cache_dir())

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -143,6 +145,65 @@ def _phases(step: Step, v1, v2, steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in totals.items()}
 
 
+def _rung_list(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    """--rungs, checked: known rungs, each once, triton only on CUDA (before minutes of work)."""
+    if args.rungs is None:
+        return default
+    rungs = tuple(r.strip() for r in args.rungs.split(","))
+    where = f"fastemd profile {args.what}: --rungs"
+    if not all(rungs):
+        raise SystemExit(f"{where} takes a comma list of {','.join(RUNGS)}; got {args.rungs!r}")
+    for r in rungs:
+        if r not in RUNGS:
+            raise SystemExit(f"{where}: unknown rung {r!r}; rungs: {', '.join(RUNGS)}")
+        if rungs.count(r) > 1:
+            raise SystemExit(f"{where}: {r!r} twice; each rung adds one thing to the one before")
+    if "triton" in rungs and args.device != "cuda":
+        raise SystemExit(f"{where}: the triton rung needs --device cuda")
+    return rungs
+
+
+def _output_problems(args) -> str | None:
+    """Why --trace DIR or --plot FILE cannot be written (before minutes of measuring), or None."""
+    if args.what != "step" and (args.trace or args.plot):
+        return "--trace and --plot apply to `fastemd profile step`"
+    if args.trace:
+        trace = Path(args.trace)
+        if trace.exists() and not trace.is_dir():
+            return f"--trace {trace}: is a file; name a folder for the trace"
+        if problem := _unwritable(trace):
+            return f"--trace {trace}: {problem}"
+        try:
+            trace.mkdir(parents=True, exist_ok=True)  # made now: a folder that cannot be made fails here
+        except OSError as e:
+            return f"--trace {trace}: {e.strerror or e}"
+    if args.plot:
+        plot = Path(args.plot)
+        if plot.is_dir():
+            return f"--plot {plot}: is a folder; name the image file to write (e.g. ladder.png)"
+        if plot.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            return f"--plot {plot}: name a .png, .pdf, .svg or .jpg file"
+        if plot.exists():
+            return f"--plot {plot}: exists; remove it or name another file"
+        if importlib.util.find_spec("matplotlib") is None:
+            return "--plot needs matplotlib: pip install matplotlib (or the project's [plot] extra)"
+        if problem := _unwritable(plot.parent):
+            return f"--plot {plot}: {problem}"
+    return None
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why `folder` (made if missing) cannot take files, or None."""
+    parent = folder
+    while not parent.exists():  # the folders to be made: the first existing one must be a writable folder
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def _rung_settings(rung_list, rung):
     upto = rung_list[: rung_list.index(rung) + 1]
     return dict(channels_last="channels_last" in upto, amp="amp" in upto, compile="compile" in upto,
@@ -154,13 +215,7 @@ def profile_step(args) -> dict:
 
     cfg = _config(args)
     device = torch.device(args.device)
-    default = RUNGS if device.type == "cuda" else ("fp32", "channels_last")
-    rung_list = tuple(args.rungs.split(",")) if args.rungs else default
-    for r in rung_list:
-        if r not in RUNGS:
-            raise SystemExit(f"fastemd profile step: unknown rung {r!r}; rungs: {', '.join(RUNGS)}")
-    if "triton" in rung_list and device.type != "cuda":
-        raise SystemExit("fastemd profile step: the triton rung needs --device cuda")
+    rung_list = _rung_list(args, default=RUNGS if device.type == "cuda" else ("fp32", "channels_last"))
     sizes = (cfg.data.view1_size, cfg.data.view2_size)
     batch = cfg.data.batch_size
     pair_flops = flops_per_pair(cfg.model, cfg.loss, sizes)
@@ -256,7 +311,7 @@ def profile_e2e(args) -> dict:
             span_epochs=span_epochs,
         )
 
-    rung_list = tuple(args.rungs.split(",")) if args.rungs else (RUNGS if device.type == "cuda" else ("fp32",))
+    rung_list = _rung_list(args, default=RUNGS if device.type == "cuda" else ("fp32",))
     step = Step(cfg, device, **_rung_settings(rung_list, rung_list[-1]))
     note = "DALI not installed: the reference loader" if kind == "torch" and cfg.data.loader == "auto" else ""
     result = {"loader": kind, "loader_note": note, "images": len(files), "batch": cfg.data.batch_size}
@@ -414,6 +469,9 @@ def _plot(result, path):
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastemd profile: --device cuda but no CUDA device is available")
+    if problem := _output_problems(args):
+        raise SystemExit(f"fastemd profile {args.what}: {problem}")
+    _rung_list(args, default=())  # a bad --rungs fails now, not after the data or the model are ready
     if args.what == "step":
         result = profile_step(args)
         if args.json:

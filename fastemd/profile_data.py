@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastemd.cli import nonneg_int, positive_int
-from fastemd.pipelines import build_two_view_loader, resolve_sources
+from fastemd.cli import nonneg_float, nonneg_int, positive_int
+from fastemd.pipelines import BadImageError, build_two_view_loader, resolve_sources
 
 
 def _views(text: str) -> tuple[int, int]:
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=nonneg_int, default=min(4, os.cpu_count() or 1),
                         help="DALI threads = reference loader processes (default: %(default)s)")
     parser.add_argument("--pairs", type=positive_int, default=1024, help="pairs per measurement (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=0.0, help="stop a measurement after this long (0: no cap)")
+    parser.add_argument("--seconds", type=nonneg_float, default=0.0, help="stop a measurement after this long (0: no cap)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--source", nargs="*", default=[],
                         help="COCO json, folder or manifest (default: a temporary set of 640x480 JPEGs)")
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kinds", default="dali,torch", help="comma list of dali, torch (default: %(default)s)")
     parser.add_argument("--views", nargs="*", type=_views, default=[(224, 224), (224, 160)],
                         help="view sizes, e.g. 224,160")
-    parser.add_argument("--target-rate", type=float, default=0.0,
+    parser.add_argument("--target-rate", type=nonneg_float, default=0.0,
                         help="pairs/s the trainer needs (default: the DALI gpu rate when measured)")
 
 
@@ -134,7 +134,11 @@ def run(args: argparse.Namespace) -> int:
             for kind in kinds:
                 devices = ["cpu"] + (["cuda"] if kind == "dali" and args.device == "cuda" else [])
                 for device in devices:
-                    results.append(_measure(files, kind, device, views, args))
+                    try:
+                        results.append(_measure(files, kind, device, views, args))
+                    except BadImageError as e:  # a --source that is not (only) images
+                        raise SystemExit(f"fastemd profile data: {e}; measure on images that `fastemd check-data` "
+                                         "accepts (its manifest is a source)") from None
     for views in view_sets:
         row = {r["loader"]: r for r in results if tuple(r["views"]) == views}
         reference = row.get("reference")

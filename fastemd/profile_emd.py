@@ -27,7 +27,10 @@ import time
 
 import torch
 
+from fastemd.cli import nonneg_float, positive_float, positive_int, positive_int_list
 from fastemd.kernels import emd_similarity, emd_similarity_reference
+
+IMPLS = ("torch", "compile", "triton", "pot-batch", "pot-loop")  # the rows it can measure
 
 # Peak DRAM bandwidth (bytes/s) by device name, for the memory floor.
 _PEAK_BANDWIDTH = {"H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12,
@@ -39,16 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda when available")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--batch", default="64,256,512,1024", help="comma list of B (default: %(default)s)")
-    parser.add_argument("--sizes", default="25,49", help="comma list of M = N (default: %(default)s)")
-    parser.add_argument("--channels", type=int, default=256, help="C (default: %(default)s)")
-    parser.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations (default: %(default)s)")
-    parser.add_argument("--gamma", type=float, default=0.05, help="default: %(default)s")
+    parser.add_argument("--batch", type=positive_int_list, default="64,256,512,1024",
+                        help="comma list of B (default: %(default)s)")
+    parser.add_argument("--sizes", type=positive_int_list, default="25,49", help="comma list of M = N (default: %(default)s)")
+    parser.add_argument("--channels", type=positive_int, default=256, help="C (default: %(default)s)")
+    parser.add_argument("--iters", type=positive_int, default=20, help="Sinkhorn iterations (default: %(default)s)")
+    parser.add_argument("--gamma", type=positive_float, default=0.05, help="default: %(default)s")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                         help="input dtype (default: bf16 on cuda, fp32 on cpu); the math is fp32")
-    parser.add_argument("--impls", default="torch,compile,triton,pot-batch,pot-loop",
+    parser.add_argument("--impls", default=",".join(IMPLS),
                         help="comma list of rows (default: %(default)s)")
-    parser.add_argument("--min-time", type=float, default=0.3,
+    parser.add_argument("--min-time", type=nonneg_float, default=0.3,
                         help="seconds of repeats per measurement, at least 3 (default: %(default)s)")
 
 
@@ -152,13 +156,14 @@ def _floor_seconds(B, M, N, C, dtype, device_name: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        print("fastemd profile emd: --device cuda but no CUDA device")
+        print("fastemd profile emd: --device cuda but no CUDA device", file=sys.stderr)
         return 2
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device == "cuda" else "fp32")]
-    batches = [int(v) for v in args.batch.split(",") if v]
-    sizes = [int(v) for v in args.sizes.split(",") if v]
+    batches, sizes = args.batch, args.sizes
     impls = [v.strip() for v in args.impls.split(",") if v.strip()]
+    if not impls or set(impls) - set(IMPLS):
+        raise SystemExit(f"fastemd profile emd: --impls takes a comma list of {','.join(IMPLS)}; got {args.impls!r}")
     C = args.channels
     rows = _make_rows(args, impls)
     machine = (torch.cuda.get_device_name(0) if device == "cuda"

@@ -193,9 +193,18 @@ def _check_same_model(state: dict, cfg: Config, source) -> None:
         if k in saved_loss and (saved_loss[k] > 0) != (getattr(cfg.loss, k) > 0):
             differ.append(f"loss.{k}: saved {saved_loss[k]!r}, now {getattr(cfg.loss, k)!r}")
     if differ:
+        # the checkpoint's own run: RUN/checkpoints/step_N.pt beside RUN/config.toml (which may
+        # not be this run's out_dir: `--resume PATH` can point into another run)
+        run_dir = Path(source).resolve().parent.parent
+        same = run_dir == Path(cfg.train.out_dir).resolve()
+        if (run_dir / "config.toml").is_file():
+            how = f"fastemd train --config {run_dir / 'config.toml'} --resume {'auto' if same else source}"
+        else:
+            saved_values = [f"--model.{k}={saved_model[k]}" for k in _MODEL_KEYS
+                            if k in saved_model and saved_model[k] != getattr(cfg.model, k)]
+            how = f"the saved values ({' '.join(saved_values) or 'its loss branches'})"
         raise TrainingError(f"{source}: a checkpoint of another network ({'; '.join(differ)}); resume with the "
-                            f"run's own config: fastemd train --config {Path(cfg.train.out_dir) / 'config.toml'} "
-                            "--resume auto")
+                            f"run's own config: {how}")
 
 
 def _no_buffer_broadcast() -> dict:
@@ -268,10 +277,14 @@ class RunLock:
                 break
 
 
+class SecondInterrupt(KeyboardInterrupt):
+    """A Ctrl-C after the one that asked for a checkpoint: stop now."""
+
+
 class StopSignal:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step end.
 
-    A second SIGINT raises KeyboardInterrupt at once (a user who really means it)."""
+    A second SIGINT raises SecondInterrupt (a KeyboardInterrupt) at once (a user who really means it)."""
 
     def __init__(self):
         self.signum = 0
@@ -287,7 +300,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -694,9 +707,15 @@ def main(cfg: Config) -> int:
     except (TrainingError, DataError, CheckpointError) as e:
         print(f"fastemd: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint the first one asks for
-        print(f"fastemd: interrupted by a second Ctrl-C; no checkpoint written now, the earlier ones stay in "
-              f"{Path(cfg.train.out_dir) / 'checkpoints'} (--resume auto continues from the newest)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        checkpoints = list_checkpoints(Path(cfg.train.out_dir))
+        kept = (f"the earlier ones stay in {checkpoints[-1].parent} (--resume auto continues from the newest)"
+                if checkpoints else "there is none from earlier")
+        if isinstance(e, SecondInterrupt):  # stop now, without the checkpoint the first one asked for
+            print(f"fastemd: interrupted by a second Ctrl-C; no checkpoint written now, {kept}", file=sys.stderr)
+        else:  # before the run's handlers were in place (start-up): nothing to checkpoint yet
+            print(f"fastemd: interrupted while starting, before training; no checkpoint written now, {kept}",
+                  file=sys.stderr)
         return 130
     finally:
         end_process_group()

@@ -180,7 +180,7 @@ def write_outputs(results: list[FileCheck], manifest: Path, report: Path, source
     good = [r.path for r in results if r.reason is None]
     manifest.parent.mkdir(parents=True, exist_ok=True)
     report.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# fastemd check-data: {len(good)} of {len(results)} images usable, from {' '.join(map(shown, sources))}\n"
+    header = f"{MANIFEST_HEADER} {len(good)} of {len(results)} images usable, from {' '.join(map(shown, sources))}\n"
     manifest.write_text(header + "".join(p + "\n" for p in good))  # good names are UTF-8, one line each
     report.write_text(_report_rows(results))
 
@@ -193,17 +193,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", help="COCO json files, image folders or manifests")
     parser.add_argument("--manifest", default="manifest.txt", help="where to write the good files (default: %(default)s)")
     parser.add_argument("--report", default="bad_files.tsv", help="where to write the bad files and why (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    from fastemd.cli import positive_int
+
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                        help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# The first bytes of what check-data writes: a file that starts otherwise is not its output.
+MANIFEST_HEADER = "# fastemd check-data:"
+REPORT_HEADERS = ("path\treason\n", "# interrupted:")
+
+
+def _written_by_check_data(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return head.startswith(MANIFEST_HEADER) or head.startswith(REPORT_HEADERS)
+
+
 def _output_problem(option: str, path: Path, sources: list[str]) -> str | None:
-    """Why `path` cannot take the output of `option` (checked before any image is), or None."""
+    """Why `path` cannot take the output of `option` (checked before any image is), or None. An
+    existing file is replaced only when check-data wrote it (a rerun); never a source, an image
+    or anything else the user has."""
     inputs = {Path(s.partition("::")[0]).expanduser().resolve() for s in sources}
     if path.expanduser().resolve() in inputs:
         return f"{option} {path} is one of the sources; it would be overwritten: write it elsewhere"
     if path.is_dir():
         return f"{option} {path} is a folder; name the file to write"
+    if path.is_file() and path.stat().st_size > 0 and not _written_by_check_data(path):
+        return (f"{option} {path} exists and is not a check-data output (an image, a file of yours?); it would be "
+                "overwritten: write it elsewhere")
     parent = path.parent
     while not parent.exists():  # the folders to be made: the first existing one must be a writable folder
         parent = parent.parent

@@ -111,6 +111,14 @@ def test_resume_with_another_network_is_one_line_and_keeps_the_runs_config(tmp_p
     assert (out / "config.toml").read_text() == config  # the run folder untouched until the config fits
     # README's way to continue works with that config
     assert main(["train", "--config", str(out / "config.toml"), "--resume", "auto", "--train.max_steps=3"]) == 0
+    # --resume PATH into another run, a fresh out_dir: the advice names the checkpoint's own run's
+    # config (the new out_dir has none; the red-team pass found it named there)
+    ckpt = list_checkpoints(out)[-1]
+    other = tmp_path / "other"
+    assert main(["train", "--preset", "demo", f"--data.sources={demo_json}", f"--train.out_dir={other}", *TINY,
+                 "--model.width=16", "--resume", str(ckpt)]) == 1
+    _one_line_error(capsys, f"--config {out / 'config.toml'} --resume {ckpt}")
+    assert not (other / "config.toml").exists()
 
 
 def test_a_run_restarted_before_its_first_checkpoint_keeps_one_timeline(tmp_path, demo_json):
@@ -184,6 +192,21 @@ def test_a_second_run_into_a_busy_out_dir_is_refused_and_a_killed_one_leaves_no_
                            capture_output=True, text=True, cwd=tmp_path, timeout=120)  # the dead run's lock is gone
     assert third.returncode == 0, third.stderr[-2000:]
     assert not (out / ".fastemd.lock").exists()
+
+
+def test_a_ctrl_c_while_starting_is_not_called_a_second_one(tmp_path, demo_json, monkeypatch, capsys):
+    """One Ctrl-C that lands before the run's handlers are in place (the red-team pass hit 1.5-2.2 s
+    into a run) was reported as 'a second Ctrl-C' with checkpoints in a folder that did not exist."""
+    import fastemd.train as train_module
+    from fastemd.config import resolve
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "setup_distributed", interrupted)  # the first thing the run does
+    cfg = resolve("demo", None, [f"data.sources={demo_json}", f"train.out_dir={tmp_path / 'run'}"])
+    assert train_module.main(cfg) == 130
+    _one_line_error(capsys, "interrupted while starting, before training", "there is none from earlier")
 
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, demo_json):
@@ -430,3 +453,62 @@ def test_bare_train_without_data_leaves_the_folder_as_it_was(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "instances_train2017.json: no such file or folder" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fastemd.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def _refused(proc, *fragments):
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+def test_no_output_option_overwrites_a_file_of_the_users(tmp_path, demo_json):
+    """A red-team pass (2026-12-02) found three commands writing over what they were pointed at:
+    the probe's --output over the backbone it reads (or any file), check-data's --manifest over a
+    source image, make-demo-data over a real COCO folder (the same file names). Each is refused
+    now, before any work, and the file is left as it was; rerunning over a command's own output
+    still works."""
+    backbone = tmp_path / "bb.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7)}, backbone)
+    kept = backbone.read_bytes()
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    # eval probe --output: never an input, an existing file only with --force (as export)
+    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", str(backbone)),
+             f"--output {backbone} is the file read as {backbone}")
+    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", demo_json), "it would be overwritten")
+    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", str(notes)),
+             "exists; pass --force to replace it")
+    assert backbone.read_bytes() == kept and notes.read_text() == '{"mine": 1}\n'
+    assert json.loads(open(demo_json).read())["images"]
+
+    # check-data --manifest/--report: an existing file only when check-data wrote it
+    folder = tmp_path / "imgs"
+    make_demo_data(folder, num_images=3)
+    image = folder / "train2017" / "000000000001.jpg"
+    jpeg = image.read_bytes()
+    for option in ("--manifest", "--report"):
+        other = "--report" if option == "--manifest" else "--manifest"
+        _refused(_cli("check-data", str(folder / "train2017"), option, str(image), other, str(tmp_path / "o.txt"),
+                      "--workers", "1"), f"{option} {image} exists and is not a check-data output")
+    assert image.read_bytes() == jpeg
+    args = ["check-data", str(folder / "train2017"), "--manifest", str(tmp_path / "m.txt"), "--report",
+            str(tmp_path / "r.tsv"), "--workers", "1"]
+    assert _cli(*args).returncode == 0 and _cli(*args).returncode == 0  # a rerun replaces its own outputs
+
+    # make-demo-data DIR: only into a new or empty folder, or over an earlier demo
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "annotations" / "instances_train2017.json").write_text('{"images": [], "info": {"description": "COCO"}}')
+    _refused(_cli("make-demo-data", str(coco), "--num-images", "2"), "is not a fastemd demo dataset")
+    (coco / "annotations" / "instances_train2017.json").unlink()
+    (coco / "train2017").mkdir()
+    (coco / "train2017" / "000000000001.jpg").write_bytes(jpeg[:100])
+    _refused(_cli("make-demo-data", str(coco), "--num-images", "2"), "holds files and no demo annotations")
+    assert (coco / "train2017" / "000000000001.jpg").read_bytes() == jpeg[:100]
+    assert _cli("make-demo-data", str(folder), "--num-images", "2").returncode == 0  # over an earlier demo

@@ -1,6 +1,7 @@
 """`fastemd profile step|e2e` on CPU with a tiny model: the ladder, the phase split, JSON output."""
 
 import json
+import re
 
 import pytest
 
@@ -155,3 +156,56 @@ def test_train_and_profile_run_the_same_step_code(tmp_path, monkeypatch, capsys)
                  "--train.max_steps=2", "--data.batch_size=4", "--data.workers=0", "--data.loader=torch",
                  "--log.dashboard=plain", *[f"--{o}" for o in TINY]]) == 0
     assert len(calls) == profiled + 2 and len(saves) == profiled + 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["step", "--trace", "{file}"], "--trace {file}: is a file; name a folder"),
+    (["step", "--trace", "{file}/sub"], "is a file, not a folder"),
+    (["step", "--plot", "{file}"], "name a .png, .pdf, .svg or .jpg file"),
+    (["step", "--plot", "{tmp}"], "is a folder; name the image file"),
+    (["step", "--plot", "{png}"], "exists; remove it or name another file"),
+    (["e2e", "--plot", "{tmp}/p.png"], "--trace and --plot apply to `fastemd profile step`"),
+    (["e2e", "--rungs", "triton"], "the triton rung needs --device cuda"),
+    (["e2e", "--rungs", "bogus"], "unknown rung 'bogus'"),
+    (["step", "--rungs", "fp32,fp32"], "'fp32' twice"),
+    (["step", "--rungs", ""], "takes a comma list"),
+])
+def test_profile_refuses_bad_arguments_before_measuring(tmp_path, monkeypatch, argv, message):
+    """A red-team pass (2026-12-02) got tracebacks from these after the whole measurement (or
+    silently ignored them); each is now one line before any work."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "old.png").write_bytes(b"png")
+    fill = dict(file=tmp_path / "notes.txt", tmp=tmp_path, png=tmp_path / "old.png")
+    argv = [a.format(**fill) for a in argv]
+    measured = []
+    monkeypatch.setattr("fastemd.profile.Step", lambda *a, **k: measured.append(a))  # no step may be built
+    with pytest.raises(SystemExit, match=re.escape(message.format(**fill))):
+        main(["profile", *argv, "--device", "cpu", *TINY])
+    assert not measured and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "argument --batch: expected a comma list of integers >= 1"),
+    (["--batch", "a,b"], "expected a comma list of integers >= 1, got 'a,b'"),
+    (["--sizes", "0"], "argument --sizes"),
+    (["--channels", "0"], "argument --channels: expected an integer >= 1"),
+    (["--iters", "0"], "argument --iters"),
+    (["--gamma", "-1"], "argument --gamma: expected a number > 0"),
+])
+def test_profile_emd_arguments_are_one_line_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "emd", "--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit, match="--impls takes a comma list of torch,compile,triton,pot-batch,pot-loop"):
+        main(["profile", "emd", "--device", "cpu", "--impls", "bogus"])
+
+
+def test_profile_data_on_a_source_that_is_not_images_is_one_line(tmp_path):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("just some notes\n")
+    (tmp_path / "just some notes").write_text("not an image")
+    with pytest.raises(SystemExit, match="fastemd profile data: .*not an image|fastemd profile data: .*check-data"):
+        main(["profile", "data", "--device", "cpu", "--source", str(manifest), "--kinds", "torch", "--pairs", "8",
+              "--batch-size", "2", "--workers", "0", "--views", "64,64"])

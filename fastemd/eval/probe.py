@@ -526,6 +526,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--output", metavar="FILE.json", help="also write the JSON result to FILE.json")
+    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
 
 
 def format_report(result: dict) -> str:
@@ -554,13 +555,24 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _check_output(path: str | None) -> str | None:
-    """Why --output cannot be written (checked before minutes of work), or None."""
+def _check_output(path: str | None, inputs: tuple[str, ...] = (), force: bool = False) -> str | None:
+    """Why --output cannot be written (checked before minutes of work), or None: never one of the
+    command's inputs (the backbone, the data's json; links followed), an existing file only with
+    --force (as `fastemd export`)."""
     if not path:
         return None
     out = Path(path)
     if out.is_dir():
         return f"--output {path}: is a folder; name the JSON file to write"
+    if out.exists():
+        for given in inputs:
+            try:
+                if out.samefile(given):
+                    return f"--output {path} is the file read as {given}; it would be overwritten: write it elsewhere"
+            except OSError:
+                continue  # an input that is not there is reported by its own check
+        if not force:
+            return f"--output {path}: exists; pass --force to replace it"
     if not out.parent.is_dir():
         return f"--output {path}: folder {out.parent} does not exist"
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
@@ -579,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda but no CUDA device is available")
-    if problem := _check_output(args.output):
+    if problem := _check_output(args.output, (args.backbone, args.data), args.force):
         return fail(problem)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -590,6 +602,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         backbone = load_backbone(args.backbone, args.network)
         data_path = resolve_probe_data(args.data)
+        if problem := _check_output(args.output, (str(data_path),), args.force):  # --data named a folder
+            return fail(problem)
         data = load_probe_data(data_path, args.size, args.min_box, args.max_images)
     except ProbeError as e:
         return fail(str(e))
