@@ -225,6 +225,10 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = TRAINING_KEYS,
     """Load one checkpoint with `weights_only=True`; any problem (no file, unreadable, a key of
     `required` missing) is a CheckpointError naming it. `fastemd eval detect` passes its own keys."""
     path = Path(path)
+    if path.is_dir():
+        newest = list_checkpoints(path) or list_checkpoints(path.parent)
+        hint = f" (the newest checkpoint there: {newest[-1]})" if newest else ""
+        raise CheckpointError(f"{path}: is a folder; name a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

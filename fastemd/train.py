@@ -409,6 +409,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+            resumed_step = step
             skipped = state.get("skipped_steps", 0)
             if state.get("steps_per_epoch") not in (None, steps_per_epoch):
                 raise TrainingError(
@@ -423,6 +424,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 say(f"fastemd: {resumed_from} holds the data state of {len(data_states)} rank(s), this run has "
                     f"{env.world_size}: the rest of epoch {epoch} reads the same images with fresh augmentations")
             say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)")
+            del state, found  # the loaded copy (host memory the size of the checkpoint) is not needed again
             if env.main:  # what lies beyond `step` belongs to a timeline this run replaces
                 for stale in set_aside_newer(out_dir, step):
                     say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
@@ -678,7 +680,11 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         export_checkpoint(last_ckpt, backbone, fmt="torchvision", network="online", force=True)
         result["backbone"] = str(backbone)
     if env.main:
-        say(f"fastemd: {ended} at step {step}/{run_steps} ({skipped} skipped)")
+        if resumed_from and resumed_step >= run_steps:  # resumed at or past the end: nothing trained
+            say(f"fastemd: the run is already complete: its checkpoint is at step {resumed_step} and this run "
+                f"ends at step {run_steps}; raise train.epochs or train.max_steps to train on")
+        else:
+            say(f"fastemd: {ended} at step {step}/{run_steps} ({skipped} skipped)")
         if result["skipped_files"]:
             whose = "" if env.world_size == 1 else " by rank 0"
             say(f"  images:     {result['skipped_files']} skipped{whose} (named in the warnings above); "

@@ -158,6 +158,20 @@ def test_metrics_report_what_the_steps_waited_for_checkpoints(demo_json, tmp_pat
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000004.pt"]
 
 
+def test_resuming_a_complete_run_says_so(demo_json, tmp_path, capsys):
+    """README: `--resume auto` continues, or says the run is complete (a red-team pass found it
+    printing 'finished at step 4/2' when the new max_steps was below the checkpoint's step)."""
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4"))
+    for max_steps in (4, 2):
+        capsys.readouterr()
+        result = train(tiny_cfg(demo_json, tmp_path, f"train.max_steps={max_steps}", "train.resume=auto"))
+        out = capsys.readouterr().out
+        assert result["step"] == 4 and result["ended"] == "finished"
+        assert (f"the run is already complete: its checkpoint is at step 4 and this run ends at step {max_steps}"
+                in out), out
+        assert "finished at step" not in out
+
+
 def test_corrupt_newest_checkpoint_falls_back(demo_json, tmp_path):
     train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4", "train.ckpt_every=2"))
     newest = list_checkpoints(tmp_path)[-1]
@@ -398,6 +412,15 @@ def test_missing_resume_checkpoint_is_one_clear_error(demo_json, tmp_path, capsy
                  f"--train.out_dir={tmp_path / 'run'}", "--resume", str(missing)]) == 1
     err = capsys.readouterr().err
     assert err == f"fastemd: error: {missing}: no such checkpoint file\n"
+    # a run's folder (or its checkpoints folder) instead of a file: said so, with the file to name
+    run = tmp_path / "done"
+    train(tiny_cfg(demo_json, run, "train.max_steps=1"))
+    for folder in (run, run / "checkpoints"):
+        assert main(["train", "--preset", "demo", *[f"--{o}" for o in TINY], f"--data.sources={demo_json}",
+                     f"--train.out_dir={tmp_path / 'run'}", "--resume", str(folder)]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"fastemd: error: {folder}: is a folder; name a checkpoint file (the newest checkpoint "
+                       f"there: {run / 'checkpoints' / 'step_00000001.pt'})\n"), err
 
 
 def test_gradient_accumulation_halves_the_optimizer_steps(demo_json, tmp_path):
