@@ -226,7 +226,7 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = TRAINING_KEYS,
     `required` missing) is a CheckpointError naming it. `fastemd eval detect` passes its own keys."""
     path = Path(path)
     if path.is_dir():
-        newest = list_checkpoints(path) or list_checkpoints(path.parent)
+        newest = list_checkpoints(path.parent if path.name == CHECKPOINT_DIR else path)
         hint = f" (the newest checkpoint there: {newest[-1]})" if newest else ""
         raise CheckpointError(f"{path}: is a folder; name a checkpoint file{hint}")
     if not path.is_file():

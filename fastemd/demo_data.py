@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,9 @@ def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     return (np.clip(image, 0, 1) * 255).astype(np.uint8), objects
 
 
+_DEMO_NAME = re.compile(r"\.?\d{12}\.jpg(\.tmp)?")  # what make_demo_data writes in the images' folder
+
+
 def _is_demo_json(path: Path) -> bool:
     try:
         return json.loads(path.read_text())["info"]["description"].startswith("fastemd demo dataset")
@@ -113,16 +117,20 @@ def _not_ours(root: Path, split: str) -> str | None:
     """Why writing the demo's `split` under `root` would overwrite something of the user's (a real
     COCO has the same file names), or None: the json and the images' folder must be absent, empty
     or an earlier demo's."""
+    for folder in (root, root / "annotations", root / split):
+        if folder.exists() and not folder.is_dir():
+            return f"{folder} is a file; choose a new or empty folder"
     json_path = root / "annotations" / f"instances_{split}.json"
+    folder = root / split
     if json_path.exists():
         if not _is_demo_json(json_path):
             return f"{json_path} exists and is not a fastemd demo dataset; choose a new or empty folder"
+        foreign = [f.name for f in folder.iterdir() if not _DEMO_NAME.fullmatch(f.name)] if folder.is_dir() else []
+        if foreign:
+            return f"{folder} holds files the demo did not write ({foreign[0]}); choose a new or empty folder"
         return None  # an earlier demo (made again: its own files)
-    folder = root / split
     if folder.is_dir() and any(folder.iterdir()):
         return f"{folder} holds files and no demo annotations; choose a new or empty folder"
-    if folder.exists() and not folder.is_dir():
-        return f"{folder} is a file; choose a new or empty folder"
     return None
 
 

@@ -469,9 +469,9 @@ def _plot(result, path):
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastemd profile: --device cuda but no CUDA device is available")
+    _rung_list(args, default=())  # a bad --rungs fails now, not after the data or the model are ready
     if problem := _output_problems(args):
         raise SystemExit(f"fastemd profile {args.what}: {problem}")
-    _rung_list(args, default=())  # a bad --rungs fails now, not after the data or the model are ready
     if args.what == "step":
         result = profile_step(args)
         if args.json:

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="COCO json, folder or manifest (default: a temporary set of 640x480 JPEGs)")
     parser.add_argument("--images", type=positive_int, default=64, help="generated JPEGs (default: %(default)s)")
     parser.add_argument("--kinds", default="dali,torch", help="comma list of dali, torch (default: %(default)s)")
-    parser.add_argument("--views", nargs="*", type=_views, default=[(224, 224), (224, 160)],
+    parser.add_argument("--views", nargs="+", type=_views, default=[(224, 224), (224, 160)],
                         help="view sizes, e.g. 224,160")
     parser.add_argument("--target-rate", type=nonneg_float, default=0.0,
                         help="pairs/s the trainer needs (default: the DALI gpu rate when measured)")

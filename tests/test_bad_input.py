@@ -455,7 +455,8 @@ def test_bare_train_without_data_leaves_the_folder_as_it_was(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, cwd):
+    # cwd away from the checkout: `python -m` there would import its source folders, not the install
     return subprocess.run([sys.executable, "-m", "fastemd.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
@@ -479,10 +480,14 @@ def test_no_output_option_overwrites_a_file_of_the_users(tmp_path, demo_json):
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}\n')
     # eval probe --output: never an input, an existing file only with --force (as export)
-    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", str(backbone)),
+    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", str(backbone), cwd=tmp_path),
              f"--output {backbone} is the file read as {backbone}")
-    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", demo_json), "it would be overwritten")
-    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", str(notes)),
+    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", demo_json, cwd=tmp_path),
+             "it would be overwritten")
+    images_dir = str(__import__("pathlib").Path(demo_json).parent.parent / "train2017")
+    _refused(_cli("eval", "probe", str(backbone), "--data", f"{demo_json}::{images_dir}", "--output", demo_json,
+                  "--force", cwd=tmp_path), "is the file read as")  # ANN.json::IMAGE_DIR reads ANN.json
+    _refused(_cli("eval", "probe", str(backbone), "--data", demo_json, "--output", str(notes), cwd=tmp_path),
              "exists; pass --force to replace it")
     assert backbone.read_bytes() == kept and notes.read_text() == '{"mine": 1}\n'
     assert json.loads(open(demo_json).read())["images"]
@@ -495,20 +500,32 @@ def test_no_output_option_overwrites_a_file_of_the_users(tmp_path, demo_json):
     for option in ("--manifest", "--report"):
         other = "--report" if option == "--manifest" else "--manifest"
         _refused(_cli("check-data", str(folder / "train2017"), option, str(image), other, str(tmp_path / "o.txt"),
-                      "--workers", "1"), f"{option} {image} exists and is not a check-data output")
-    assert image.read_bytes() == jpeg
+                      "--workers", "1", cwd=tmp_path), f"{option} {image} is named as an image")
+        _refused(_cli("check-data", str(folder / "train2017"), option, str(notes), other, str(tmp_path / "o.txt"),
+                      cwd=tmp_path), f"{option} {notes} exists and is not a check-data output")
+    assert image.read_bytes() == jpeg and notes.read_text() == '{"mine": 1}\n'
     args = ["check-data", str(folder / "train2017"), "--manifest", str(tmp_path / "m.txt"), "--report",
             str(tmp_path / "r.tsv"), "--workers", "1"]
-    assert _cli(*args).returncode == 0 and _cli(*args).returncode == 0  # a rerun replaces its own outputs
+    assert _cli(*args, cwd=tmp_path).returncode == 0 and _cli(*args, cwd=tmp_path).returncode == 0  # reruns
+    manifest = tmp_path / "m.txt"
+    (tmp_path / "m_hard").hardlink_to(manifest)  # the report a hard link of the manifest
+    _refused(_cli(*args[:4], "--report", str(tmp_path / "m_hard"), cwd=tmp_path), "are the same file")
+    (tmp_path / "src_hard").hardlink_to(manifest)  # a manifest as the source, its hard link as the output
+    _refused(_cli("check-data", str(manifest), "--manifest", str(tmp_path / "src_hard"), cwd=tmp_path),
+             "is one of the sources")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x.txt")
+    _refused(_cli(*args[:2], "--manifest", str(tmp_path / "dangling"), cwd=tmp_path), "is a broken link")
 
     # make-demo-data DIR: only into a new or empty folder, or over an earlier demo
     coco = tmp_path / "coco"
     (coco / "annotations").mkdir(parents=True)
     (coco / "annotations" / "instances_train2017.json").write_text('{"images": [], "info": {"description": "COCO"}}')
-    _refused(_cli("make-demo-data", str(coco), "--num-images", "2"), "is not a fastemd demo dataset")
+    _refused(_cli("make-demo-data", str(coco), "--num-images", "2", cwd=tmp_path), "is not a fastemd demo dataset")
     (coco / "annotations" / "instances_train2017.json").unlink()
     (coco / "train2017").mkdir()
     (coco / "train2017" / "000000000001.jpg").write_bytes(jpeg[:100])
-    _refused(_cli("make-demo-data", str(coco), "--num-images", "2"), "holds files and no demo annotations")
+    _refused(_cli("make-demo-data", str(coco), "--num-images", "2", cwd=tmp_path), "holds files and no demo annotations")
     assert (coco / "train2017" / "000000000001.jpg").read_bytes() == jpeg[:100]
-    assert _cli("make-demo-data", str(folder), "--num-images", "2").returncode == 0  # over an earlier demo
+    assert _cli("make-demo-data", str(folder), "--num-images", "2", cwd=tmp_path).returncode == 0  # an earlier demo
+    (folder / "train2017" / "holiday.jpg").write_bytes(jpeg)  # ... unless it holds files of the user's
+    _refused(_cli("make-demo-data", str(folder), cwd=tmp_path), "holds files the demo did not write (holiday.jpg)")

@@ -566,6 +566,7 @@ def _check_output(path: str | None, inputs: tuple[str, ...] = (), force: bool = 
         return f"--output {path}: is a folder; name the JSON file to write"
     if out.exists():
         for given in inputs:
+            given = given.partition("::")[0]  # ANN.json::IMAGE_DIR reads ANN.json
             try:
                 if out.samefile(given):
                     return f"--output {path} is the file read as {given}; it would be overwritten: write it elsewhere"
