@@ -117,9 +117,9 @@ def _not_ours(root: Path, split: str) -> str | None:
     """Why writing the demo's `split` under `root` would overwrite something of the user's (a real
     COCO has the same file names), or None: the json and the images' folder must be absent, empty
     or an earlier demo's."""
-    for folder in (root, root / "annotations", root / split):
-        if folder.exists() and not folder.is_dir():
-            return f"{folder} is a file; choose a new or empty folder"
+    for part in (root, root / "annotations", root / split):
+        if part.exists() and not part.is_dir():
+            return f"{part} is a file; choose a new or empty folder"
     json_path = root / "annotations" / f"instances_{split}.json"
     folder = root / split
     if json_path.exists():

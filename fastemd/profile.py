@@ -165,13 +165,15 @@ def _rung_list(args, default: tuple[str, ...]) -> tuple[str, ...]:
 
 def _output_problems(args) -> str | None:
     """Why --trace DIR or --plot FILE cannot be written (before minutes of measuring), or None."""
+    from fastemd.train import unwritable_folder
+
     if args.what != "step" and (args.trace or args.plot):
         return "--trace and --plot apply to `fastemd profile step`"
     if args.trace:
         trace = Path(args.trace)
         if trace.exists() and not trace.is_dir():
             return f"--trace {trace}: is a file; name a folder for the trace"
-        if problem := _unwritable(trace):
+        if problem := unwritable_folder(trace):
             return f"--trace {trace}: {problem}"
         try:
             trace.mkdir(parents=True, exist_ok=True)  # made now: a folder that cannot be made fails here
@@ -187,20 +189,8 @@ def _output_problems(args) -> str | None:
             return f"--plot {plot}: exists; remove it or name another file"
         if importlib.util.find_spec("matplotlib") is None:
             return "--plot needs matplotlib: pip install matplotlib (or the project's [plot] extra)"
-        if problem := _unwritable(plot.parent):
+        if problem := unwritable_folder(plot.parent):
             return f"--plot {plot}: {problem}"
-    return None
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why `folder` (made if missing) cannot take files, or None."""
-    parent = folder
-    while not parent.exists():  # the folders to be made: the first existing one must be a writable folder
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK):
-        return f"{parent} is not writable"
     return None
 
 

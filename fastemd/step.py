@@ -25,18 +25,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastemd.optim import LARS
+
 KEYS = ("loss", "loss_emd", "loss_global", "similarity")  # the parts a step returns, in this order
 
 
-def compile_for_training(step_model: nn.Module, optimizer: torch.optim.Optimizer, train_cfg) -> nn.Module:
+def compile_for_training(step_model: nn.Module, optimizer: LARS, train_cfg) -> nn.Module:
     """torch.compile as `fastemd train` does (and so `profile step|e2e`): the model, statically
     (every batch of a run has the same shapes: the loaders pad or drop, so a shape change
     recompiles statically instead of going symbolic), in `train.compile_mode` with
     `train.compile_backend`; and LARS' update (`LARS.compile_step`: one graph per parameter
     group, default mode). Returns the compiled model to call."""
     mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
-    if hasattr(optimizer, "compile_step"):
-        optimizer.compile_step(backend=train_cfg.compile_backend)
+    optimizer.compile_step(backend=train_cfg.compile_backend)
     return torch.compile(step_model, mode=mode, backend=train_cfg.compile_backend, dynamic=False)
 
 
