@@ -181,9 +181,15 @@ class CheckpointWriter:
     def _snapshot(self, value, key: tuple):
         if isinstance(value, torch.Tensor):
             buffer = self._buffers.get(key)
-            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            # the tensor's own strides (channels_last weights and momentum stay channels_last in
+            # the file and after a resume), where it is dense; else contiguous
+            stride = value.stride() if _dense(value) else None
+            if (buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype
+                    or (stride is not None and buffer.stride() != stride)):
                 pin = value.device.type == "cuda"
-                buffer = self._buffers[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=pin)
+                buffer = self._buffers[key] = (
+                    torch.empty_strided(value.shape, stride, dtype=value.dtype, pin_memory=pin) if stride is not None
+                    else torch.empty(value.shape, dtype=value.dtype, pin_memory=pin))
             return buffer.copy_(value.detach(), non_blocking=buffer.is_pinned())
         if isinstance(value, dict):
             return {k: self._snapshot(v, (*key, k)) for k, v in value.items()}
@@ -200,6 +206,20 @@ class CheckpointWriter:
             self._error = CheckpointWriteError(step, e)
         except BaseException as e:
             self._error = e
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Its elements fill its storage span without gaps or overlaps, in some order of the dims
+    (contiguous, channels_last, any permutation): copies with the same strides are plain copies."""
+    if tensor.numel() <= 1:
+        return True
+    dims = sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def load_weights_only(path: str | Path):
@@ -262,7 +282,8 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own GPU only: a resume may see fewer GPUs (one per task under SLURM)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -272,7 +293,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU rank 0 saw; rank 0's own
+            cuda = cuda[0]
+        torch.cuda.set_rng_state(cuda)  # onto this process's GPU
 
 
 def _tuplify(x):

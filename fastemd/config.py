@@ -43,6 +43,11 @@ class DataConfig:
     hw_decoder_load: float = 0.65  # share of JPEGs for the A100/H100 hardware decoder
     on_bad_file: str = "skip"  # "skip" a file that fails to decode, or "stop" the run
     drop_last: bool = True  # drop the incomplete last batch of an epoch
+    # DALI, as an epoch ends: "run" builds the next epoch's pipeline and runs its first batch
+    # (the boundary waits for nothing; a second pipeline's buffers, up to about as much again,
+    # which DALI's pool keeps), "build" only builds it (one pipeline's buffers; the boundary
+    # waits for one batch); "auto": build on a GPU, whose memory the model needs, run on the CPU
+    prepare_ahead: str = "auto"
 
 
 @dataclass
@@ -393,6 +398,7 @@ MIN_VIEW_SIZE = 32  # px: the ResNet's total stride
 
 _CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
+    "data.prepare_ahead": ("auto", "run", "build"),
     "data.on_bad_file": ("skip", "stop"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "loss.weights": ("uniform", "cross"),

@@ -19,7 +19,8 @@ from the tensors a training step computes anyway (`SelfEMD.forward` hands them o
 Cost: nothing on other steps. On a log step: one EMD op on (first view's prediction, other
 view's target) for the plan, one on the rolled pair, a few reductions and an SVD of a
 (batch, C5) matrix, on one direction of the last step's batch (rank 0's shard), and one host
-read together with the step's other metrics.
+read together with the step's other metrics (on CUDA the SVD waits for the device too, just
+before that read: no sync on any other step).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def effective_rank(x: torch.Tensor) -> torch.Tensor:
     row is the same, up to min(n, C)."""
     x = x.float()
     finite = torch.isfinite(x).all()
-    # the SVD raises on a non-finite entry (a skipped step's batch): NaN instead, without a host sync
+    # the SVD raises on a non-finite entry (a skipped step's batch): zeros in, NaN out. On CUDA
+    # the SVD itself synchronises (cuSOLVER's convergence check): log steps only, just before
+    # the log step's own read of the metrics, so it costs no more than that read.
     s = torch.linalg.svdvals(torch.where(finite, x, torch.zeros_like(x)))
     p = s / s.sum().clamp_min(1e-12) + 1e-7
     return torch.where(finite, torch.exp(-(p * p.log()).sum()), torch.full_like(s[0], float("nan")))
@@ -66,7 +69,8 @@ def effective_rank(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def health_metrics(maps: dict[str, torch.Tensor], loss_cfg) -> torch.Tensor:
     """The signals of KEYS, as one fp32 tensor on the device (NaN where a branch is off);
-    `maps` as `SelfEMD.forward` returns them. No host synchronisation."""
+    `maps` as `SelfEMD.forward` returns them. No host read of its own but the SVD's on CUDA
+    (`effective_rank`), on the log steps that read the metrics anyway."""
     h1 = maps["h1"]
     nan = torch.full((), float("nan"), device=h1.device)
     values = dict.fromkeys(KEYS, nan)

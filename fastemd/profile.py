@@ -75,7 +75,7 @@ def _sync(device):
 
 class Step:
     """`fastemd train`'s own step (`fastemd.step.TrainStep`: BatchNorm snapshot, forward, backward,
-    the host read with its finite check, LARS through the GradScaler, EMA) on a fresh SelfEMD with
+    the host read with its finite check, LARS (fp16: on the GradScaler's unscaled gradients), EMA) on a fresh SelfEMD with
     the rung's features switched on; the schedules held at fixed values (lr 0.01, tau 0.996)."""
 
     def __init__(self, cfg, device, channels_last: bool, amp: bool, compile: bool, impl: str):

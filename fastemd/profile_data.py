@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="view sizes, e.g. 224,160")
     parser.add_argument("--target-rate", type=nonneg_float, default=0.0,
                         help="pairs/s the trainer needs (default: the DALI gpu rate when measured)")
+    parser.add_argument("--boundary", choices=["run", "build"], default=None,
+                        help="instead: the memory and time of DALI's epoch boundary with data.prepare_ahead=MODE "
+                             "(one pipeline's footprint and the boundary's peak; one mode per process)")
 
 
 def _generate_jpegs(folder: Path, count: int) -> None:
@@ -101,6 +104,59 @@ def _measure(files, kind, device, views, args) -> dict:
     }
 
 
+def _memory_in_use(device: str) -> float:
+    """MB in use: this process's resident memory (the CPU pipeline's buffers are host memory), or
+    the whole GPU's memory in use (DALI allocates outside torch's allocator; torch sees none of it)."""
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _boundary(files, device, views, args) -> dict:
+    """DALI's epoch boundary as `fastemd train` meets it with `data.prepare_ahead=MODE`: pipeline A
+    (this epoch) runs with a full prefetch queue; the next epoch's pipeline B is built beside it;
+    then, "run": B runs its first batch while A is still alive, and A is freed after; "build": A
+    is freed first, then B runs its first batch (the boundary waits for it). Memory in MB over what
+    the process held before A (host RSS for the CPU pipeline; the GPU's memory in use for the gpu
+    one): A's footprint and the peak of the boundary. Freed buffers go back to DALI's pool, not to
+    the system, so each mode needs a process of its own (one command per mode)."""
+    import gc
+
+    from fastemd.pipelines.dali_views import DaliTwoViewLoader
+
+    mode = args.boundary
+    loader = DaliTwoViewLoader(files, batch_size=args.batch_size, view_sizes=views, device=device,
+                               workers=args.workers, seed=0)
+    half = len(files) // 2  # the two epochs' lists (a pipeline reads its list in order)
+    base = _memory_in_use(device)
+    a = loader._build(files[:half], seed=1)  # the trainer's own pipeline build
+    for _ in range(loader.prefetch + 2):
+        a.run()
+    pipeline = _memory_in_use(device) - base
+    start = time.perf_counter()
+    b = loader._build(files[half:], seed=2)
+    build_s = time.perf_counter() - start
+    peak = max(pipeline, _memory_in_use(device) - base)
+    if mode == "build":
+        del a
+        gc.collect()
+    start = time.perf_counter()
+    b.run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - start
+    peak = max(peak, _memory_in_use(device) - base)
+    del b
+    return {"loader": f"dali-{'gpu' if device == 'cuda' else 'cpu'}", "prepare_ahead": mode, "views": list(views),
+            "batch_size": args.batch_size, "workers": args.workers, "memory": "GPU in use" if device == "cuda" else "RSS",
+            "pipeline_mb": round(pipeline, 1), "boundary_peak_mb": round(peak, 1),
+            "overlap_pct": round(100 * (peak - pipeline) / pipeline, 1), "next_build_ms": round(1000 * build_s, 1),
+            "next_first_batch_ms": round(1000 * first_s, 1),
+            "boundary_wait_ms": round(1000 * first_s, 1) if mode == "build" else 0.0}
+
+
 def _machine() -> dict:
     info = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "load_avg_1min": round(os.getloadavg()[0], 2)}  # other jobs on a shared machine skew pairs/s
@@ -129,6 +185,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             _generate_jpegs(Path(tmp), args.images)
             files = resolve_sources([tmp])
+        if len(files) < 2 * args.batch_size:  # two epochs' lists of at least one batch each
+            files = files * -(-2 * args.batch_size // len(files))
+        if args.boundary:
+            devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
+            report = {"machine": machine, "source": args.source or f"{args.images} generated 640x480 JPEGs",
+                      "boundary": [_boundary(files, d, views, args) for views in view_sets for d in devices]}
+            if args.json:
+                print(json.dumps(report))
+            else:
+                _print_boundary(report)
+            return 0
         results = []
         for views in view_sets:
             for kind in kinds:
@@ -173,4 +240,21 @@ def _print_table(report: dict) -> None:
             f"{r.get('vs_reference', float('nan')):.2f}", f"{r['core_s_per_pair'] * 1000:.1f} ms",
             f"{r['cores_busy']:.2f}", str(r.get("reference_cores_for_target", "-")),
         )
+    Console().print(table)
+
+
+def _print_boundary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = report["machine"]
+    table = Table(title=f"DALI epoch boundary: {m['cpu_cores']} cores, {m.get('gpu', 'no GPU')}, {report['source']}")
+    for column in ("views", "loader", "prepare_ahead", "batch", "memory", "one pipeline", "boundary peak", "overlap",
+                   "next build", "its 1st batch", "boundary waits"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for r in report["boundary"]:
+        table.add_row("/".join(map(str, r["views"])), r["loader"], r["prepare_ahead"], str(r["batch_size"]), r["memory"],
+                      f"{r['pipeline_mb']:.0f} MB", f"{r['boundary_peak_mb']:.0f} MB", f"+{r['overlap_pct']:.0f}%",
+                      f"{r['next_build_ms']:.0f} ms", f"{r['next_first_batch_ms']:.0f} ms",
+                      f"{r['boundary_wait_ms']:.0f} ms")
     Console().print(table)

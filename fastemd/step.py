@@ -2,16 +2,20 @@
 `fastemd profile step|e2e` times (so the ladder measures what training runs, host read included).
 
     schedules -> BatchNorm snapshot -> per micro-batch: views to the device, forward (autocast),
-    backward -> the one host read (finite? stop? checkpoint due?, one all-reduce) -> LARS
-    (through the GradScaler) -> EMA update of the target -> zero the gradients
+    backward -> (fp16: unscale) -> the one host read (finite? no overflow? stop? checkpoint due?,
+    one all-reduce) -> LARS -> EMA update of the target -> (fp16: the scale's update) -> zero the
+    gradients
 
-The one host read: three flags in one MIN all-reduce: were the loss and the gradients (a finite
-loss can still back-propagate inf) finite on every rank (with fp16 the GradScaler judges the
-gradients itself, and lowers its scale); did any rank get SIGTERM/SIGINT (negated: the MIN is the
-largest signal number); is a wall-clock checkpoint due (the caller passes rank 0's view; the
-others pass False). So every rank learns the same three answers at the same step, and a
-non-finite step changes nothing: no LARS, no EMA, and the BatchNorm running statistics its
-forward moved are put back. The caller (the trainer) counts, logs, checkpoints and stops.
+The one host read: four flags in one MIN all-reduce: were the loss and (without a GradScaler)
+the gradients finite on every rank (a finite loss can still back-propagate inf); with fp16, did
+the GradScaler's unscale find no inf/NaN gradient on any rank (it records that on the device, no
+read); did any rank get SIGTERM/SIGINT (negated: the MIN is the largest signal number); is a
+wall-clock checkpoint due (the caller passes rank 0's view; the others pass False). So every rank
+learns the same answers at the same step, and a non-finite step changes nothing: no LARS, no EMA,
+and the BatchNorm running statistics its forward moved are put back. With fp16 the flag decides
+the optimizer step itself (LARS on the unscaled gradients, not `scaler.step`, which would read the
+device again) and `scaler.update()` adjusts the scale on the device: one read per step with any
+precision. The caller (the trainer) counts, logs, checkpoints and stops.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class BufferSnapshot:
 @dataclass
 class StepOutcome:
     applied: bool  # LARS and the EMA update ran
-    overflow: bool  # fp16: the GradScaler met inf gradients, skipped LARS and lowered its scale
+    overflow: bool  # fp16: inf/NaN gradients from a finite loss: LARS and the EMA skipped, the scale lowered
     stop_signal: int  # the largest SIGTERM/SIGINT number any rank has seen (0: none)
     checkpoint_due: bool  # rank 0's clock says a wall-clock checkpoint is due
     parts: torch.Tensor  # (4,) KEYS, means over the micro-batches, on the device (no sync)
@@ -97,7 +101,7 @@ class TrainStep:
         self.amp_dtype, self.memory_format, self.accum, self.distributed = amp_dtype, memory_format, accum, distributed
         self.device = next(model.parameters()).device
         self.bn_state = BufferSnapshot(model)
-        self.flags = torch.zeros(3, device=self.device)  # the one reduction: finite, -signal, -checkpoint due
+        self.flags = torch.zeros(4, device=self.device)  # the one reduction: finite, no overflow, -signal, -ckpt due
 
     def __call__(self, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, lr: float,
                  weight_decay: float, tau: float, stop_signal: int = 0, checkpoint_due: bool = False,
@@ -130,28 +134,35 @@ class TrainStep:
             parts_sum += torch.stack([out[k].detach().float() for k in KEYS])  # (4,)
 
         finite = torch.isfinite(parts_sum[0])
-        if not self.scaler.is_enabled():
+        no_overflow = torch.ones((), device=self.device)
+        if self.scaler.is_enabled():
+            # Unscale now (on the device: inf/NaN gradients recorded, nothing read) so that the
+            # one reduction below carries the overflow too.
+            self.scaler.unscale_(self.optimizer)
+            found_inf = self.scaler._found_inf_per_device(self.optimizer)
+            no_overflow = (torch.stack([f.to(self.device) for f in found_inf.values()]).sum() == 0).float()
+        else:
             grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         self.flags[0].copy_(finite)
-        self.flags[1].fill_(-float(stop_signal))
-        self.flags[2].fill_(-float(checkpoint_due))
+        self.flags[1].copy_(no_overflow)
+        self.flags[2].fill_(-float(stop_signal))
+        self.flags[3].fill_(-float(checkpoint_due))
         if self.distributed:
             dist.all_reduce(self.flags, op=dist.ReduceOp.MIN)
-        all_finite, minus_signal, minus_due = self.flags.tolist()  # syncs: the step's one host read
+        all_finite, all_in_range, minus_signal, minus_due = self.flags.tolist()  # syncs: the step's one host read
         mark("host read")
 
-        applied = overflow = False
-        if all_finite == 1.0:
-            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            overflow = self.scaler.is_enabled() and self.scaler.get_scale() < scale
-            if not overflow:  # an fp16 overflow skipped LARS: the target stays too
-                self.model.update_target(tau)
-                applied = True
-        else:
+        applied = False
+        overflow = all_finite == 1.0 and all_in_range != 1.0  # fp16: routine while the scale settles
+        if all_finite == 1.0 and not overflow:
+            self.optimizer.step()  # the gradients are unscaled already (fp16) or were never scaled
+            self.model.update_target(tau)
+            applied = True
+        elif not overflow:
             self.bn_state.restore()
+        if self.scaler.is_enabled():
+            self.scaler.update()  # lowers the scale after an inf/NaN gradient, on the device
         self.optimizer.zero_grad(set_to_none=True)
         mark("optimizer+ema")
         return StepOutcome(applied=applied, overflow=overflow, stop_signal=int(-minus_signal),

@@ -11,24 +11,31 @@ The step itself (forward, backward, the host read, LARS, EMA) is `fastemd/step.p
 `TrainStep`, the code `fastemd profile step|e2e` times too; this file is everything around it.
 
 Host synchronisation: metrics stay on the device and are read (`.item()`) only on log steps.
-The one read per step (in `TrainStep`) is three flags in one all-reduce: "were this step's loss and gradients
-finite on every rank", taken before the optimizer step so that a non-finite step changes nothing
-(no LARS, no EMA, and the BatchNorm running statistics its forward touched are put back); "did a
-rank get SIGTERM/SIGINT"; "is a wall-clock checkpoint due" (rank 0's clock). So all ranks stop,
-and checkpoint, at the same step, within one step of a signal. With fp16 the GradScaler makes a
-read of its own for the same reason as the first flag.
+The one read per step (in `TrainStep`) is four flags in one all-reduce: "were this step's loss and
+gradients finite on every rank" and, with fp16, "did the GradScaler find no inf gradient", taken
+before the optimizer step so that a non-finite step changes nothing (no LARS, no EMA, and the
+BatchNorm running statistics its forward touched are put back); "did a rank get SIGTERM/SIGINT";
+"is a wall-clock checkpoint due" (rank 0's clock). So all ranks stop, and checkpoint, at the same
+step, within one step of a signal.
 
 Checkpoints (`train.ckpt_every` steps, `train.ckpt_minutes`, a stop, the end; never forced at an
 epoch end) are a host snapshot at the step and a background write (`CheckpointWriter`); a stop
 and the end wait for the write. The loaders span epochs (no pipeline start at a boundary).
 
-Resume: a checkpoint holds the position (epoch, steps of it done) and every rank's data-loader
-state (for DALI, each rank's pipeline checkpoint: reader position and random generators), so
-`--resume auto` continues the same images, augmentations and schedules; on CPU the per-step
-losses of a resumed run equal those of an uninterrupted one, with either loader
-(tests/test_train.py). The RNG states saved are rank 0's; the model draws no random numbers
-after initialisation, and the loaders seed themselves from (seed, epoch, rank), so the other
-ranks' trajectories resume exactly as well.
+Resume: a checkpoint holds the position (epoch, steps of it done), how the global batch was cut
+(ranks x batch x micro-batches) and every rank's data-loader state (for DALI, each rank's pipeline
+checkpoint: reader position and random generators). Rank 0 alone finds and reads it; the state
+reaches the other ranks over the process group (`fastemd/distributed.py`), so every rank resumes
+from the one step rank 0 chose, whether or not it can see the file (node-local disks, a listing
+that lags). On the same layout `--resume auto` continues the same images, augmentations and
+schedules; on CPU the per-step losses of a resumed run equal those of an uninterrupted one, with
+either loader (tests/test_train.py). On another number of ranks the checkpoint's global batch is
+kept (train.grad_accum chosen to keep it), so the schedules continue at the same step and every
+step reads the same files, resharded (`pipelines/sources.py`); the augmentations are drawn afresh
+(their generators are keyed by rank and position in the rank's shard) and BatchNorm sees other
+micro-batches. The RNG states saved are rank 0's; the model draws no random numbers after
+initialisation, and the loaders seed themselves from (seed, epoch, rank), so the other ranks'
+trajectories resume exactly as well.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +70,19 @@ from fastemd.checkpoint import (
 )
 from fastemd.config import Config, to_toml
 from fastemd.dashboard import Dashboard, Meter, now
+from fastemd.distributed import from_rank0, on_every_rank
 from fastemd.health import KEYS as HEALTH_KEYS
 from fastemd.health import HealthMonitor, health_metrics, health_summary
+from fastemd.pipelines.sources import DataError
 from fastemd.step import KEYS, TrainStep, compile_for_training
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on: the message says why and where the last good checkpoint is."""
+
+
+# The errors that a user can act on: raised alike on every rank when one rank's view decides.
+AGREED = (TrainingError, DataError, CheckpointError)
 
 
 @dataclass
@@ -125,7 +139,10 @@ def pick_cpu_threads(requested: int, loader_threads: int, local_ranks: int = 1) 
 
 
 def resolve_data(cfg: Config, env: Env) -> list[str]:
-    """The image paths of cfg.data.sources (the demo dataset when there are none)."""
+    """The image paths of cfg.data.sources (the demo dataset when there are none), the same on
+    every rank: each rank reads the sources itself, and the ranks compare what they found (a
+    node whose copy or listing differs would read other images under the same plan); a rank that
+    cannot read them, or sees other files, stops every rank with one line naming it."""
     from fastemd.pipelines import resolve_sources
 
     sources = list(cfg.data.sources)
@@ -135,12 +152,128 @@ def resolve_data(cfg: Config, env: Env) -> list[str]:
     if not sources:
         from fastemd.demo_data import ensure_demo_data
 
-        if env.main:
-            ensure_demo_data()
-        if env.distributed:
-            dist.barrier()  # rank 0 made the demo data; the others read it after
-        sources = [str(ensure_demo_data())]
-    return resolve_sources(sources)
+        # rank 0 makes the demo data first; the others then read it (or, on a node of its own, make it)
+        from_rank0(ensure_demo_data, errors=AGREED, what="making the demo data")
+        sources = [ensure_demo_data()]
+    files: list[str] = []
+
+    def read() -> tuple[str, int, str]:
+        files.extend(resolve_sources(sources))
+        return socket.gethostname(), len(files), _fingerprint(files)
+
+    seen = on_every_rank(read, errors=(TrainingError, DataError), what="cannot read data.sources")
+    if any(view[1:] != seen[0][1:] for view in seen):
+        rank, (host, count, _) = next((r, v) for r, v in enumerate(seen) if v[1:] != seen[0][1:])
+        raise _agreed(env, TrainingError(
+            f"the ranks see different data: rank 0 on {seen[0][0]} lists {seen[0][1]} images, rank {rank} on {host} "
+            f"{count}{' (other names)' if count == seen[0][1] else ''}; every rank must read the same sources "
+            "(a shared filesystem, or identical copies at the same paths)"))
+    return files
+
+
+def _fingerprint(files: list[str]) -> str:
+    """A digest of the file list, relative to its common folder (nodes may mount it elsewhere)."""
+    import hashlib
+
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(os.fsencode(os.path.relpath(path, root)) + b"\0")
+    return digest.hexdigest()
+
+
+def _agreed(env: Env, error: Exception) -> Exception:
+    """`error`, raised by every rank alike: printed by rank 0 and once on each other node."""
+    error.from_other_rank = not env.main
+    return error
+
+
+def _claim_run_folder(cfg: Config, out_dir: Path, lock: "RunLock") -> None:
+    """Rank 0: out_dir can be written, is this run's alone (the lock), and holds no earlier run's
+    checkpoints unless resuming: checked before anything is read or written."""
+    if problem := unwritable_folder(out_dir):
+        raise TrainingError(f"train.out_dir {out_dir}: {problem}; choose another --train.out_dir")
+    lock.acquire()  # before anything in out_dir is read or written
+    if not cfg.train.resume and list_checkpoints(out_dir):  # before anything of it is overwritten
+        raise TrainingError(
+            f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run (newest "
+            f"{list_checkpoints(out_dir)[-1].name}): continue it with --resume auto, or start afresh "
+            "with another --train.out_dir (a new run here would prune them)"
+        )
+
+
+def _read_checkpoint_to_resume(cfg: Config, out_dir: Path, num_files: int,
+                               world_size: int) -> tuple[dict, str, int] | None:
+    """Rank 0: the state to resume from, its path (`--resume auto`: the newest checkpoint under
+    out_dir that loads; `--resume PATH`: that one) and the micro-batches per step that keep its
+    global batch on `world_size` ranks; or None to start at step 0. Refused here, before the state
+    travels to the other ranks: another network, a global batch this layout cannot keep, other data."""
+    from fastemd.pipelines import steps_per_epoch
+
+    if not cfg.train.resume:
+        return None
+    found = load_latest(out_dir) if cfg.train.resume == "auto" else (load_checkpoint(cfg.train.resume),
+                                                                     cfg.train.resume)
+    if found is None and list_checkpoints(out_dir):
+        raise TrainingError(
+            f"--resume auto: none of the checkpoints in {out_dir / 'checkpoints'} can be read (see the "
+            "warnings above); move them away to start afresh, or resume from one with --resume PATH"
+        )
+    if found is None:
+        print(f"fastemd: --resume auto: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+        return None
+    state, path = found
+    _check_same_model(state, cfg, path)
+    accum = _accum_keeping_global_batch(state, cfg, world_size, path)
+    steps = steps_per_epoch(num_files, cfg.data.batch_size, world_size, cfg.data.drop_last, accum)
+    if state.get("steps_per_epoch") not in (None, steps):
+        raise TrainingError(
+            f"{path}: saved with {state['steps_per_epoch']} steps per epoch, this run has {steps} of the same "
+            f"global batch ({cfg.data.batch_size * world_size * accum} images from {num_files}): the data differ; "
+            "resume with the run's own data, or start a new out_dir"
+        )
+    return state, str(path), accum
+
+
+def _data_layout(state: dict) -> dict:
+    """How the saved run cut its global batch: ranks, batch per rank, micro-batches per step."""
+    saved = state.get("config") or {}
+    return {"world_size": state.get("world_size", 1),
+            "batch_size": state.get("batch_size", (saved.get("data") or {}).get("batch_size")),
+            "grad_accum": state.get("grad_accum", (saved.get("train") or {}).get("grad_accum", 1))}
+
+
+def _layout_text(layout: dict) -> str:
+    accum = f" x {layout['grad_accum']} micro-batches" if layout["grad_accum"] != 1 else ""
+    return f"{layout['world_size']} rank(s) x batch {layout['batch_size']}{accum}"
+
+
+def _accum_keeping_global_batch(state: dict, cfg: Config, world_size: int, source) -> int:
+    """Micro-batches per step for this run so that it keeps the checkpoint's global batch (the lr,
+    the schedules and the files of every step depend on it): the config's train.grad_accum when
+    that keeps it, else the one that does on this number of ranks, or a one-line error naming
+    the --data.batch_size / --train.grad_accum values that would."""
+    layout = _data_layout(state)
+    saved = state.get("global_batch") or layout["world_size"] * layout["batch_size"] * layout["grad_accum"]
+    batch, accum = cfg.data.batch_size, cfg.train.grad_accum
+    if batch * world_size * accum == saved:
+        return accum
+    if saved % (batch * world_size) == 0:
+        accum = saved // (batch * world_size)
+        print(f"fastemd: keeping the global batch of {source} ({saved} images a step, saved on "
+              f"{_layout_text(layout)}): train.grad_accum {accum} on {world_size} rank(s) x batch {batch}")
+        return accum
+    options = [(saved // (world_size * a), a) for a in range(1, saved + 1) if saved % (world_size * a) == 0]
+    fits = [o for o in options if o[0] <= batch] or options
+    if not fits:
+        raise TrainingError(
+            f"{source}: its global batch of {saved} images a step (saved on {_layout_text(layout)}) cannot be split "
+            f"over {world_size} ranks; resume on a number of ranks that divides {saved}")
+    b, a = fits[0]
+    raise TrainingError(
+        f"{source}: its global batch of {saved} images a step (saved on {_layout_text(layout)}) is not a multiple "
+        f"of {world_size} rank(s) x data.batch_size={batch}; keep it with --data.batch_size={b} "
+        f"--train.grad_accum={a}")
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -334,16 +467,9 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     say = print if env.main else (lambda *a, **k: None)
 
     # ---- run folder and resolved config ---------------------------------------------------
-    if problem := unwritable_folder(out_dir):
-        raise TrainingError(f"train.out_dir {out_dir}: {problem}; choose another --train.out_dir")
-    if env.main:
-        lock.acquire()  # before anything in out_dir is read or written
-    if not cfg.train.resume and list_checkpoints(out_dir):  # before anything of it is overwritten
-        raise TrainingError(
-            f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run (newest "
-            f"{list_checkpoints(out_dir)[-1].name}): continue it with --resume auto, or start afresh "
-            "with another --train.out_dir (a new run here would prune them)"
-        )
+    # Rank 0 alone writes into out_dir (the other ranks may not even see it: node-local disks), so
+    # its view decides, and its error, if any, stops every rank (fastemd/distributed.py).
+    from_rank0(lambda: _claim_run_folder(cfg, out_dir, lock), errors=AGREED, what="checking train.out_dir")
     revision = git_revision()
     # Printed now, written to OUT/config.toml only once the data and any checkpoint to resume are
     # known to fit: a run that fails before leaves the folder (and an earlier run's config) as it was.
@@ -352,25 +478,31 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     # ---- data -------------------------------------------------------------------------------
     files = resolve_data(cfg, env)
+
+    # ---- resume: one point for every rank -------------------------------------------------------
+    # Rank 0 finds and reads the checkpoint; its state reaches the other ranks over the process
+    # group, whether or not they can read the file, so no rank ever starts from another step.
+    found = from_rank0(lambda: _read_checkpoint_to_resume(cfg, out_dir, len(files), env.world_size), errors=AGREED,
+                       what="reading the checkpoint to resume")
+    state, resumed_from, accum = found if found else (None, None, cfg.train.grad_accum)
+
     loader_kind = choose_loader(cfg.data.loader)
+    # DALI's next-epoch pipeline: on a GPU built ahead but run after the last one is freed (its
+    # buffers would about double the pipeline's memory: BENCHMARKS.md, "Epoch boundaries")
+    prepare_ahead = ("build" if cuda else "run") if cfg.data.prepare_ahead == "auto" else cfg.data.prepare_ahead
     loader = build_two_view_loader(
         files, kind=loader_kind, batch_size=cfg.data.batch_size,
         view_sizes=(cfg.data.view1_size, cfg.data.view2_size), crop_scale_min=cfg.data.crop_scale_min,
         rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device,
         workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
-        on_bad_file=cfg.data.on_bad_file, drop_last=cfg.data.drop_last,
+        on_bad_file=cfg.data.on_bad_file, drop_last=cfg.data.drop_last, accum=accum,
+        prepare_ahead=prepare_ahead,
     )
-    accum = cfg.train.grad_accum
     steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
     global_batch = cfg.data.batch_size * env.world_size * accum
-    if steps_per_epoch < 1:
-        raise TrainingError(
-            f"the dataset has {len(files)} images, fewer than one global batch of {global_batch} "
-            f"(data.batch_size={cfg.data.batch_size} x {env.world_size} ranks x grad_accum {accum}): "
-            "lower --data.batch_size or add data"
-        )
     total_steps = cfg.train.epochs * steps_per_epoch  # what the schedules span
     run_steps = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+    last_epoch = max(0, run_steps - 1) // steps_per_epoch  # nothing is decoded past it
     lr_sched = lr_schedule(cfg.optim.base_lr, global_batch, cfg.train.epochs, cfg.optim.warmup_epochs, steps_per_epoch)
     wd_sched = wd_schedule(cfg.optim.weight_decay, total_steps)
     tau_sched = tau_schedule(cfg.ema.tau_base, total_steps)
@@ -391,48 +523,35 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     # ---- resume -------------------------------------------------------------------------------
     step, epoch, start_in_epoch, skipped = 0, 0, 0, 0
-    resumed_from = None
-    if cfg.train.resume:
-        found = load_latest(out_dir) if cfg.train.resume == "auto" else (load_checkpoint(cfg.train.resume), cfg.train.resume)
-        if found is None and list_checkpoints(out_dir):
-            raise TrainingError(
-                f"--resume auto: none of the checkpoints in {out_dir / 'checkpoints'} can be read (see the "
-                "warnings above); move them away to start afresh, or resume from one with --resume PATH"
-            )
-        if found is None:
-            say(f"fastemd: --resume auto: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
-        else:
-            state, resumed_from = found
-            _check_same_model(state, cfg, resumed_from)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-            resumed_step = step
-            skipped = state.get("skipped_steps", 0)
-            if state.get("steps_per_epoch") not in (None, steps_per_epoch):
-                raise TrainingError(
-                    f"{resumed_from}: saved with {state['steps_per_epoch']} steps per epoch, this run has "
-                    f"{steps_per_epoch} (different data, batch size or world size); start a new out_dir"
-                )
-            set_rng_state(state["rng"])
-            data_states = state.get("data") or []
-            if len(data_states) == env.world_size:  # each rank its own: DALI's reader and RNG states
-                loader.load_state_dict(data_states[env.rank])
-            elif data_states:
-                say(f"fastemd: {resumed_from} holds the data state of {len(data_states)} rank(s), this run has "
-                    f"{env.world_size}: the rest of epoch {epoch} reads the same images with fresh augmentations")
-            say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)")
-            del state, found  # the loaded copy (host memory the size of the checkpoint) is not needed again
-            if env.main:  # what lies beyond `step` belongs to a timeline this run replaces
-                for stale in set_aside_newer(out_dir, step):
-                    say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
-                try:
-                    _trim_metrics(out_dir / "metrics.jsonl", step)
-                except OSError as e:
-                    raise TrainingError(f"cannot rewrite {out_dir / 'metrics.jsonl'} ({e.strerror or e}); free "
-                                        "space, then --resume auto again") from None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        resumed_step = step
+        skipped = state.get("skipped_steps", 0)
+        set_rng_state(state["rng"])
+        data_states = state.get("data") or []
+        saved_layout = _data_layout(state)
+        layout = {"world_size": env.world_size, "batch_size": cfg.data.batch_size, "grad_accum": accum}
+        if saved_layout == layout and len(data_states) == env.world_size:
+            loader.load_state_dict(data_states[env.rank])  # each rank its own: DALI's reader and RNG states
+        elif saved_layout != layout:
+            say(f"fastemd: {resumed_from} was saved on {_layout_text(saved_layout)}, this run is on "
+                f"{_layout_text(layout)}: the rest of epoch {epoch} reads the images the saved run had not read yet "
+                "(each once), resharded, with fresh augmentations")
+        say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)"
+            + (f"; its state reached the {env.world_size - 1} other rank(s) from rank 0" if env.distributed else ""))
+        del state, found  # the loaded copy (host memory the size of the checkpoint) is not needed again
+        if env.main:  # what lies beyond `step` belongs to a timeline this run replaces
+            for stale in set_aside_newer(out_dir, step):
+                say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
+            try:
+                _trim_metrics(out_dir / "metrics.jsonl", step)
+            except OSError as e:
+                raise TrainingError(f"cannot rewrite {out_dir / 'metrics.jsonl'} ({e.strerror or e}); free "
+                                    "space, then --resume auto again") from None
     if start_in_epoch >= steps_per_epoch:
         epoch, start_in_epoch = epoch + 1, 0
     first_step = step
@@ -524,7 +643,8 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "step": step, "epoch": epoch, "step_in_epoch": done_in_epoch, "steps_per_epoch": steps_per_epoch,
             "skipped_steps": skipped, "rng": rng_state(), "config": cfg.to_dict(), "git": revision,
-            "world_size": env.world_size, "data": data_states,
+            "world_size": env.world_size, "batch_size": cfg.data.batch_size, "grad_accum": accum,
+            "global_batch": global_batch, "data": data_states,
         }
         with write_errors():
             writer.save(state, step)
@@ -545,7 +665,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     with StopSignal() as stop:
         try:
             while step < run_steps and epoch < cfg.train.epochs:
-                batches = iter(loader.epoch(epoch, start_step=start_in_epoch * accum))
+                batches = iter(loader.epoch(epoch, start_step=start_in_epoch * accum, last_epoch=last_epoch))
                 dash.new_epoch(epoch, steps_per_epoch, start_in_epoch)
                 done_in_epoch = start_in_epoch
                 for step_in_epoch in range(start_in_epoch, steps_per_epoch):
@@ -650,6 +770,19 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             raise TrainingError(f"stopping on a bad image ({why}): {e}. "
                                 f"Last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}") from None
         except torch.cuda.OutOfMemoryError:
+            # DALI prepares the next epoch beside the last batches of this one (its pool keeps the
+            # memory after): an out-of-memory there is the boundary's, and says what to change
+            near_boundary = (loader_kind == "dali" and prepare_ahead == "run" and step > first_step
+                             and (done_in_epoch == 0 or (done_in_epoch + 1) * accum
+                                  >= loader.steps_per_epoch - getattr(loader, "prefetch", 2)))
+            if near_boundary:
+                raise TrainingError(
+                    f"CUDA out of memory at step {step + 1}, at an epoch boundary (epoch {epoch}, step "
+                    f"{done_in_epoch + 1} of {steps_per_epoch}: DALI holds one epoch's pipeline and the next one's "
+                    "first batches together there); --data.prepare_ahead=build keeps one "
+                    "pipeline's memory (the boundary then waits for one batch), or lower --data.batch_size. Last good "
+                    f"checkpoint: {writer.wait(raise_error=False) or 'none yet'}"
+                ) from None
             if step > first_step:  # only the first step of this run says what the batch size does
                 raise
             raise TrainingError(
@@ -706,12 +839,14 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
 def main(cfg: Config) -> int:
     """`fastemd train` after the config is resolved: the exit status for the shell."""
-    from fastemd.pipelines import DataError
+    from fastemd.distributed import RankFailure
 
     try:
         result = train(cfg)
-    except (TrainingError, DataError, CheckpointError) as e:
-        print(f"fastemd: error: {e}", file=sys.stderr)
+    except (*AGREED, RankFailure) as e:
+        # an error every rank raises alike (fastemd/distributed.py): said by rank 0 and once on each other node
+        if not getattr(e, "from_other_rank", False) or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"fastemd: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         checkpoints = list_checkpoints(Path(cfg.train.out_dir))

@@ -9,18 +9,23 @@ The trainer's whole interface::
         files, kind="dali",             # or "torch" (the reference loader; no DALI needed)
         batch_size=256, view_sizes=(224, 224), crop_scale_min=0.08,
         rank=0, world_size=1, seed=0, device="cuda", workers=4, hw_decoder_load=0.65,
-        on_bad_file="skip", drop_last=True,
+        on_bad_file="skip", drop_last=True, accum=1,
     )
-    loader.steps_per_epoch             # identical on every rank, and for both kinds
-    for v1, v2 in loader.epoch(epoch, start_step=0):
+    loader.steps_per_epoch             # batches of an epoch (optimizer steps x accum): every rank, both kinds
+    for v1, v2 in loader.epoch(epoch, start_step=0, last_epoch=None):
         ...  # (B, 3, S1, S1), (B, 3, S2, S2): float32, ImageNet-normalised, channels_last, on device
     loader.close()                     # the end of a run: workers and pipelines built ahead go
 
 - Epoch boundaries cost nothing: calling `epoch(e + 1)` after epoch e ran to its end goes on
   from batches already prepared (the reference loader's workers span epochs; DALI builds the
   next epoch's pipeline, and runs its first batch, while the last batches of e are consumed).
-  `span_epochs=False` starts each epoch afresh instead (what `fastemd profile e2e --epochs`
-  measures as "before").
+  `last_epoch` (the run's last epoch) says where to stop preparing. DALI's `prepare_ahead="build"`
+  builds the next pipeline ahead but runs its first batch only once the last one is freed (one
+  pipeline's device memory at a time; the boundary waits for one batch). `span_epochs=False` starts
+  each epoch afresh instead (what `fastemd profile e2e --epochs` measures as "before").
+- `accum` micro-batches make an optimizer step: an epoch is a whole number of steps, and the
+  files of step s are the same for every (batch_size, world_size, accum) of one global batch
+  (`sources.py`), so a run can resume on another number of ranks.
 
 - `resolve_sources` raises `DataError` (a ValueError) naming the path and what was expected:
   missing path, malformed json, no images.
@@ -62,6 +67,8 @@ def build_two_view_loader(
     drop_last: bool = True,
     dtype: torch.dtype = torch.float32,
     span_epochs: bool = True,
+    accum: int = 1,
+    prepare_ahead: str = "run",
 ):
     if on_bad_file not in ("skip", "stop"):
         raise ValueError(f"on_bad_file must be 'skip' or 'stop', not {on_bad_file!r}")
@@ -70,12 +77,12 @@ def build_two_view_loader(
     common = dict(
         batch_size=batch_size, view_sizes=tuple(view_sizes), crop_scale_min=crop_scale_min, rank=rank,
         world_size=world_size, seed=seed, device=device, workers=workers, on_bad_file=on_bad_file,
-        drop_last=drop_last, dtype=dtype, span_epochs=span_epochs,
+        drop_last=drop_last, dtype=dtype, span_epochs=span_epochs, accum=accum,
     )
     if kind == "dali":
         from .dali_views import DaliTwoViewLoader
 
-        return DaliTwoViewLoader(files, hw_decoder_load=hw_decoder_load, **common)
+        return DaliTwoViewLoader(files, hw_decoder_load=hw_decoder_load, prepare_ahead=prepare_ahead, **common)
     if kind == "torch":
         return TorchTwoViewLoader(files, **common)
     raise ValueError(f"kind must be 'dali' or 'torch', not {kind!r}")

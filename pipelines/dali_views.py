@@ -15,7 +15,12 @@ pipeline of its own, built with the rank's list and a seed from (seed, epoch, ra
 same seed gives the same images in the same batches and the same augmentations. The next
 epoch's pipeline is built in a thread, and its first batch run, while the trainer consumes the
 last batches of the one before (`_prepare_ahead`): an epoch boundary does not wait for a build
-and an empty prefetch queue. Pipelines are built
+and an empty prefetch queue. Meanwhile two pipelines hold memory: the old one's buffers and
+prefetch queue, and the new one's first batches (measured on the CPU pipeline at 224 px: +72% of
+one pipeline's footprint at batch 64, +118% at 256; DALI's pool keeps it after: BENCHMARKS.md,
+"Epoch boundaries"). `prepare_ahead="build"` (the trainer's choice on a GPU) builds ahead, which
+takes almost no memory, and runs the first batch once the old pipeline is freed, at the cost of
+one batch's wait at the boundary. No pipeline is prepared past the run's last epoch. Pipelines are built
 with DALI checkpointing on: `state_dict()` returns the position (epoch, batches yielded) and the
 live pipeline's own checkpoint (its reader's position and every random generator, ~2.5 kB), and
 after `load_state_dict(state)`, `epoch(e, start_step)` at that position rebuilds the pipeline
@@ -146,20 +151,28 @@ class DaliTwoViewLoader:
     def __init__(
         self, files, *, batch_size, view_sizes=(224, 224), crop_scale_min=0.08, rank=0, world_size=1,
         seed=0, device="cpu", workers=4, hw_decoder_load=0.65, on_bad_file="skip", drop_last=True,
-        dtype=torch.float32, prefetch=2, span_epochs=True,
+        dtype=torch.float32, prefetch=2, span_epochs=True, accum=1, prepare_ahead="run",
     ):
         if not HAVE_DALI:
             raise RuntimeError("kind='dali' needs NVIDIA DALI: pip install fastemd[dali] (or use kind='torch')")
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"DALI writes float32 or float16, not {dtype}")
         self.files = list(files)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.batch_size, self.rank, self.world_size, self.accum = batch_size, rank, world_size, accum
         self.seed, self.drop_last, self.workers, self.prefetch = seed, drop_last, workers, prefetch
         self.device, self.dtype, self.on_bad_file = torch.device(device), dtype, on_bad_file
         self.hw_decoder_load = hw_decoder_load
         self.span_epochs = span_epochs  # False: no pipeline built ahead (`fastemd profile e2e`'s "before")
+        if prepare_ahead not in ("run", "build"):
+            raise ValueError(f"prepare_ahead must be 'run' or 'build', not {prepare_ahead!r}")
+        # "run": the next epoch's pipeline is built and runs its first batch while this epoch ends
+        # (the boundary waits for nothing; memory for a second pipeline's first batches meanwhile);
+        # "build": built only, its first batch run once this epoch's pipeline is freed (no second
+        # pipeline's buffers at any time; the boundary waits for one batch)
+        self.prepare_ahead = prepare_ahead
         self.recipes = byol_recipes(view_sizes, crop_scale_min)
-        self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
+        # batches (micro-batches) of an epoch: optimizer steps x accum
+        self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last, accum) * accum
         self.skipped_files = 0
         self._bad: dict[str, str] = {}  # path -> reason, swapped out for the rest of the run
         self._screened: dict[str, str | None] = {}  # path -> `check.screen`'s verdict (None: usable)
@@ -169,7 +182,8 @@ class DaliTwoViewLoader:
         self._ahead: dict | None = None  # the next epoch's pipeline, built while this one ends
 
     def shard(self, epoch: int) -> np.ndarray:
-        return epoch_shard(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, epoch, self.drop_last)
+        return epoch_shard(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, epoch,
+                           self.drop_last, self.accum)
 
     def _build(self, files: list[str], seed: int, with_params=False, checkpoint: bytes | None = None):
         cuda = self.device.type == "cuda"
@@ -241,7 +255,9 @@ class DaliTwoViewLoader:
             if path not in self._screened:
                 self._screened[path] = screen(path)  # dict stores are atomic; a race only repeats one read
 
-    def epoch(self, epoch: int, start_step: int = 0, with_params: bool = False):
+    def epoch(self, epoch: int, start_step: int = 0, with_params: bool = False, last_epoch: int | None = None):
+        """The batches of `epoch` from `start_step` on; the next epoch's pipeline is prepared
+        ahead as this one ends, unless this is `last_epoch` (the run's last; None: no end)."""
         ahead, self._ahead = self._take_ahead(epoch, start_step, with_params), None
         files = ahead["files"] if ahead else self._epoch_files(epoch)
         resume, self._resume = self._resume, None
@@ -273,7 +289,8 @@ class DaliTwoViewLoader:
                     step += 1
                     live.update(step=step, base_step=base, pipe=pipe)
                     views = tuple(self._to_torch(out) for out in outputs[:2])
-                    if self.span_epochs and not with_params and step == max(1, self.steps_per_epoch - self.prefetch):
+                    if (self.span_epochs and not with_params and (last_epoch is None or epoch < last_epoch)
+                            and step == max(1, self.steps_per_epoch - self.prefetch)):
                         self._prepare_ahead(epoch + 1)  # this pipeline has scheduled its last batches
                     if with_params:
                         yield (*views, [out.as_array() for out in outputs[2:]])
@@ -305,7 +322,8 @@ class DaliTwoViewLoader:
             try:
                 files = ahead["files"] = self._epoch_files(epoch)
                 pipe = ahead["pipe"] = self._build(files, derived_seed(self.seed, epoch, self.rank, 0))
-                ahead["first"] = pipe.run()  # host-synchronous outputs, valid until the next run()
+                if self.prepare_ahead == "run":
+                    ahead["first"] = pipe.run()  # host-synchronous outputs, valid until the next run()
             except BaseException as e:  # noqa: BLE001 - reported by the normal path, if at all
                 ahead["error"] = e
 

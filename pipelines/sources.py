@@ -14,14 +14,18 @@ Several sources are concatenated in the order given (COCO+ = train2017 + unlabel
 
 Epoch plan (shared by the DALI pipeline and the reference loader, so both give the same
 ``steps_per_epoch`` and shards): the files are permuted by a generator seeded with
-``(seed, epoch)``, identical on every rank, then cut into global batches of
-``batch_size * world_size``; rank r takes the r-th block of ``batch_size`` of every global batch.
-- ``drop_last=True``: ``steps = N // (batch_size * world_size)``; the last ``N mod (B * W)``
-  files of the permutation are not used that epoch (a different few every epoch).
-- ``drop_last=False``: ``steps = ceil(N / (B * W))``; the permutation is padded with its own
-  first files, so those few images are seen twice that epoch.
+``(seed, epoch)``, identical on every rank, then cut into optimizer steps of one global batch,
+``G = batch_size * world_size * accum`` files; step s reads the permutation's files
+``[s * G, (s + 1) * G)``, as ``accum`` micro-batches of ``batch_size * world_size``, and rank r
+takes the r-th block of ``batch_size`` of every micro-batch.
+- ``drop_last=True``: ``steps = N // G``; the last ``N mod G`` files of the permutation are not
+  used that epoch (a different few every epoch).
+- ``drop_last=False``: ``steps = ceil(N / G)``; the permutation is padded with its own first
+  files, so those few images are seen twice that epoch.
 Either way every image appears at most once per epoch except the pad, and every rank runs the
-same number of steps, so DDP never waits on a rank that ran out of data.
+same number of steps, so DDP never waits on a rank that ran out of data. The files of a step
+depend on G alone: a run resumed with the same global batch over another number of ranks (and so
+another ``batch_size`` or ``accum``) reads the same files at every step, resharded.
 """
 
 from __future__ import annotations
@@ -158,28 +162,32 @@ def _manifest_images(manifest: Path) -> list[str]:
 # Epoch plan ----------------------------------------------------------------------------------
 
 
-def steps_per_epoch(num_files: int, batch_size: int, world_size: int, drop_last: bool) -> int:
-    global_batch = batch_size * world_size
+def steps_per_epoch(num_files: int, batch_size: int, world_size: int, drop_last: bool, accum: int = 1) -> int:
+    """Optimizer steps of an epoch: global batches of batch_size x world_size x accum files."""
+    global_batch = batch_size * world_size * accum
     steps = num_files // global_batch if drop_last else math.ceil(num_files / global_batch)
     if steps == 0:
         raise DataError(
-            f"{num_files} images is less than one global batch ({batch_size} x {world_size} ranks) "
-            "with drop_last=True; expected more images or a smaller batch"
+            f"{num_files} images is less than one global batch of {global_batch} (data.batch_size={batch_size} x "
+            f"{world_size} rank(s){f' x {accum} micro-batches' if accum > 1 else ''}): lower --data.batch_size or "
+            "add images"
         )
     return steps
 
 
 def epoch_shard(
-    num_files: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, drop_last: bool
+    num_files: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, drop_last: bool,
+    accum: int = 1,
 ) -> np.ndarray:
-    """File indices this rank reads in `epoch`: (steps, batch_size), identical plan on every rank."""
+    """File indices this rank reads in `epoch`, one row per micro-batch: (steps x accum, batch_size);
+    the same plan on every rank (module docstring)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    steps = steps_per_epoch(num_files, batch_size, world_size, drop_last)
+    steps = steps_per_epoch(num_files, batch_size, world_size, drop_last, accum)
     order = np.random.default_rng([seed, epoch]).permutation(num_files)
-    need = steps * batch_size * world_size
+    need = steps * batch_size * world_size * accum
     order = np.resize(order, need)  # drop_last: truncates; otherwise pads with the first files
-    return order.reshape(steps, world_size, batch_size)[:, rank, :]
+    return order.reshape(steps * accum, world_size, batch_size)[:, rank, :]
 
 
 def derived_seed(*values: int) -> int:

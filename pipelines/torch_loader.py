@@ -259,14 +259,14 @@ def start_workers(loader: torch.utils.data.DataLoader):
     return batch_iter
 
 
-def _batch_plan(n_files, batch_size, rank, world_size, seed, drop_last, epoch, start_step, epochs=None):
-    """The keys of every batch from (epoch, start_step) on, epoch after epoch, drawn lazily by
-    the DataLoader. A function of plain values: the stream holds no reference to its loader, so
-    a loader dropped without `close()` frees its workers at once (no reference cycle to wait
-    for the garbage collector, which shut them down ~10 s each)."""
+def _batch_plan(n_files, batch_size, rank, world_size, seed, drop_last, accum, epoch, start_step, epochs=None):
+    """The keys of every batch from (epoch, start_step) on, epoch after epoch (`epochs` of them,
+    or for ever), drawn lazily by the DataLoader. A function of plain values: the stream holds no
+    reference to its loader, so a loader dropped without `close()` frees its workers at once (no
+    reference cycle to wait for the garbage collector, which shut them down ~10 s each)."""
     first = start_step
     for e in itertools.count(epoch) if epochs is None else range(epoch, epoch + epochs):
-        shard = epoch_shard(n_files, batch_size, rank, world_size, seed, e, drop_last)
+        shard = epoch_shard(n_files, batch_size, rank, world_size, seed, e, drop_last, accum)
         for step in range(first, len(shard)):
             yield [(int(index), e, step, slot) for slot, index in enumerate(shard[step])]
         first = 0
@@ -278,23 +278,27 @@ class TorchTwoViewLoader:
     def __init__(
         self, files, *, batch_size, view_sizes=(224, 224), crop_scale_min=0.08, rank=0, world_size=1,
         seed=0, device="cpu", workers=4, on_bad_file="skip", drop_last=True, dtype=torch.float32, span_epochs=True,
+        accum=1,
     ):
         self.files = list(files)
         self.span_epochs = span_epochs  # False: workers forked for each epoch (`fastemd profile e2e`'s "before")
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.batch_size, self.rank, self.world_size, self.accum = batch_size, rank, world_size, accum
         self.seed, self.drop_last, self.workers = seed, drop_last, workers
         self.device, self.dtype, self.on_bad_file = torch.device(device), dtype, on_bad_file
         self.recipes = byol_recipes(view_sizes, crop_scale_min)
-        self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last)
+        # batches (micro-batches) of an epoch: optimizer steps x accum
+        self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size, drop_last, accum) * accum
         self.skipped_files = 0
         self._dataset = _TwoViewDataset(self.files, self.recipes, seed, rank)
         self._stream = None  # the DataLoader iterator that spans epochs (`epoch`)
         self._position = (0, 0)  # (epoch, step) of the stream's next batch
+        self._last_epoch = None  # the stream's last epoch (None: no end)
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def shard(self, epoch: int) -> np.ndarray:
-        return epoch_shard(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, epoch, self.drop_last)
+        return epoch_shard(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, epoch,
+                           self.drop_last, self.accum)
 
     def state_dict(self) -> dict:
         """Nothing but the kind: every draw comes from (seed, epoch, rank, step, slot), so the
@@ -304,15 +308,16 @@ class TorchTwoViewLoader:
     def load_state_dict(self, state: dict) -> None:
         pass  # see state_dict; a DALI state (data.loader changed) has nothing this loader can use
 
-    def epoch(self, epoch: int, start_step: int = 0):
+    def epoch(self, epoch: int, start_step: int = 0, last_epoch: int | None = None):
         """The batches of `epoch` from `start_step` on. Epochs come from one stream of batches
         with one set of workers: when this epoch ends, the workers are already decoding the next
-        one's first batches (no re-fork, no empty prefetch queue at the epoch boundary). The
-        stream is kept while each call starts where the last one ended; any other position
-        starts a new one."""
-        if self._stream is None or self._position != (epoch, start_step) or not self.span_epochs:
+        one's first batches (no re-fork, no empty prefetch queue at the epoch boundary), up to
+        `last_epoch` (the run's last: nothing is decoded past it; None: no end). The stream is
+        kept while each call starts where the last one ended; any other position starts a new one."""
+        if (self._stream is None or self._position != (epoch, start_step) or not self.span_epochs
+                or self._last_epoch != last_epoch):
             self.close()
-            self._stream = self._start_stream(epoch, start_step)
+            self._stream = self._start_stream(epoch, start_step, last_epoch)
         for step in range(start_step, self.steps_per_epoch):
             v1, v2, failures = next(self._stream)
             self._position = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
@@ -325,15 +330,16 @@ class TorchTwoViewLoader:
                 v1, v2 = self._refill(self.shard(epoch), epoch, step)
             yield self._finish(v1), self._finish(v2)
 
-    def _start_stream(self, epoch: int, start_step: int):
+    def _start_stream(self, epoch: int, start_step: int, last_epoch: int | None = None):
+        epochs = 1 if not self.span_epochs else None if last_epoch is None else max(1, last_epoch - epoch + 1)
         plan = _batch_plan(len(self.files), self.batch_size, self.rank, self.world_size, self.seed, self.drop_last,
-                           epoch, start_step, None if self.span_epochs else 1)
+                           self.accum, epoch, start_step, epochs)
         loader = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=plan, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
             worker_init_fn=ignore_stop_signals,
         )
-        self._position = (epoch, start_step)
+        self._position, self._last_epoch = (epoch, start_step), last_epoch
         return start_workers(loader)
 
     def close(self) -> None:

@@ -184,3 +184,65 @@ def test_the_foreground_writer_is_done_when_save_returns(tmp_path):
     writer.save(_state(3), 3)
     assert writer._thread is None and writer.last == ckpt.checkpoint_path(tmp_path, 3)
     assert writer.snapshot_s > 0
+
+
+def test_channels_last_weights_and_momentum_come_back_channels_last(tmp_path):
+    """The writer's host buffers take each tensor's own strides: a channels_last model's LARS
+    momentum saved and loaded into a fresh optimizer is channels_last again (with contiguous
+    buffers it came back contiguous: LARS then mixed layouts, and the foreach fast path, which
+    needs the same strides across its lists, fell back to a kernel per tensor)."""
+    from fastemd.optim import LARS
+
+    def conv_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3)).to(
+            memory_format=torch.channels_last)
+
+    model = conv_model()
+    optimizer = LARS([{"params": [p for p in model.parameters() if p.ndim > 1]}], lr=0.1)
+    model(torch.randn(2, 3, 12, 12).to(memory_format=torch.channels_last)).sum().backward()
+    optimizer.step()
+    before = [s["momentum_buffer"] for s in optimizer.state.values()]
+    assert before and all(b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous() for b in before)
+    writer = ckpt.CheckpointWriter(tmp_path, keep_last=2)
+    writer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1, "config": {}}, 1)
+    path = writer.wait()
+    state = ckpt.load_checkpoint(path)
+    assert state["model"]["0.weight"].stride() == model[0].weight.stride()
+    fresh = conv_model()
+    fresh.load_state_dict(state["model"])
+    resumed = LARS([{"params": [p for p in fresh.parameters() if p.ndim > 1]}], lr=0.1)
+    resumed.load_state_dict(state["optimizer"])
+    for p, b in zip((p for p in fresh.parameters() if p.ndim > 1), before):
+        m = resumed.state[p]["momentum_buffer"]
+        assert m.stride() == p.stride() == b.stride() and torch.equal(m, b)
+    # a tensor that is not dense (a strided view) is snapshotted contiguous, with its values
+    view = torch.arange(24.0).view(4, 6)[:, ::2]
+    writer.save({"model": {"v": view}, "optimizer": {}, "step": 2, "config": {}}, 2)
+    assert torch.equal(ckpt.load_checkpoint(writer.wait())["model"]["v"], view)
+
+
+def test_a_resume_restores_the_cuda_rng_of_this_process_gpu_only(monkeypatch):
+    """Saved: the GPU random state of the saving process's own device. Restored: onto this
+    process's device alone, from a new checkpoint or from an older one that saved every GPU rank
+    0 could see (8 states, resumed where one GPU is visible: set_rng_state_all indexed past it)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((16,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((16,), i, dtype=torch.uint8) for i in range(8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(state.clone()))
+
+    def set_all(states):  # what torch does with one visible GPU
+        for i, state in enumerate(states):
+            if i >= 1:
+                raise IndexError("list index out of range")
+            calls.append(state.clone())
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    state = ckpt.rng_state()
+    assert torch.equal(state["cuda"], torch.full((16,), 7, dtype=torch.uint8))
+    ckpt.set_rng_state(state)
+    older = dict(state, cuda=[torch.full((16,), i, dtype=torch.uint8) for i in range(8)])
+    ckpt.set_rng_state(older)
+    assert [int(c[0]) for c in calls] == [7, 0]  # this GPU's state; the older file's rank-0 GPU state

@@ -129,9 +129,37 @@ def test_epoch_plan_is_deterministic_and_changes_per_epoch():
 
 
 def test_too_few_images_for_one_global_batch():
-    with pytest.raises(DataError, match="less than one global batch"):
+    with pytest.raises(DataError, match=r"7 images is less than one global batch of 8 \(data.batch_size=4 x 2 rank\(s\)\): "
+                                        r"lower --data.batch_size"):
         steps_per_epoch(7, 4, 2, drop_last=True)
+    with pytest.raises(DataError, match=r"of 16 \(data.batch_size=4 x 2 rank\(s\) x 2 micro-batches\)"):
+        steps_per_epoch(15, 4, 2, drop_last=True, accum=2)
     assert steps_per_epoch(7, 4, 2, drop_last=False) == 1
+
+
+# (batch_size, world_size, accum) of one global batch of 24 images
+LAYOUTS_OF_24 = [(24, 1, 1), (12, 2, 1), (4, 2, 3), (6, 1, 4), (3, 4, 2), (1, 8, 3)]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("num_files", [100, 96])
+def test_the_files_of_a_step_depend_on_the_global_batch_alone(num_files, drop_last):
+    """Step s of an epoch reads the same multiset of files however its global batch is cut into
+    ranks, batches and micro-batches: what lets a run resume on another number of ranks. An
+    epoch is a whole number of steps (no micro-batch left over: the loaders' streams run on
+    from one epoch into the next), and every rank reads accum x steps batches."""
+    plans = []
+    for batch, world, accum in LAYOUTS_OF_24:
+        steps = steps_per_epoch(num_files, batch, world, drop_last, accum)
+        shards = [epoch_shard(num_files, batch, r, world, seed=3, epoch=2, drop_last=drop_last, accum=accum)
+                  for r in range(world)]
+        assert all(s.shape == (steps * accum, batch) for s in shards)
+        plans.append([sorted(np.concatenate([s[k * accum:(k + 1) * accum].reshape(-1) for s in shards]).tolist())
+                      for k in range(steps)])
+    assert all(plan == plans[0] for plan in plans)
+    assert len(plans[0]) == (num_files // 24 if drop_last else -(-num_files // 24))
+    counts = np.bincount(np.concatenate(plans[0]), minlength=num_files)
+    assert counts.max() == (1 if drop_last or num_files % 24 == 0 else 2)
 
 
 def test_loader_arguments_are_checked(tmp_path):

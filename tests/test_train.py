@@ -80,8 +80,8 @@ class _StatefulLoader:
     def load_state_dict(self, state):
         self.batches = state["batches"]
 
-    def epoch(self, epoch, start_step=0):
-        for v1, v2 in self.inner.epoch(epoch, start_step):
+    def epoch(self, epoch, start_step=0, last_epoch=None):
+        for v1, v2 in self.inner.epoch(epoch, start_step, last_epoch=last_epoch):
             self.batches += 1
             yield v1 + 0.05 * self.batches, v2
 
@@ -431,6 +431,103 @@ def test_gradient_accumulation_halves_the_optimizer_steps(demo_json, tmp_path):
     assert all(v == v for v in losses(tmp_path).values())
 
 
+def test_grad_accum_keeps_one_loader_stream_and_decodes_nothing_past_the_last_epoch(demo_json, tmp_path, monkeypatch):
+    """32 images, batch 4, accum 3: an epoch is 2 optimizer steps of 12 images, 6 batches, and the
+    loader's epoch is exactly that (it used to have 8 batches, of which the trainer read 6: the
+    next epoch was at another position, and the reference loader forked its workers again every
+    epoch). The workers stay the same processes over the run, and the plan they decode from ends
+    with the run's last epoch (it used to run on: the workers prefetched the next one's batches)."""
+    import fastemd.pipelines.torch_loader as tl
+
+    starts, planned, pids = [], [], []
+    start_stream, plan, epoch = tl.TorchTwoViewLoader._start_stream, tl._batch_plan, tl.TorchTwoViewLoader.epoch
+    monkeypatch.setattr(tl.TorchTwoViewLoader, "_start_stream",
+                        lambda self, *a, **k: (starts.append(a), start_stream(self, *a, **k))[1])
+
+    def recording_plan(*a, **k):
+        for keys in plan(*a, **k):
+            planned.append(keys)
+            yield keys
+
+    def recording_epoch(self, *a, **k):
+        for i, views in enumerate(epoch(self, *a, **k)):
+            if i == 0:
+                pids.append(tuple(w.pid for w in self._stream._workers))
+            yield views
+
+    monkeypatch.setattr(tl, "_batch_plan", recording_plan)
+    monkeypatch.setattr(tl.TorchTwoViewLoader, "epoch", recording_epoch)
+    result = train(tiny_cfg(demo_json, tmp_path, "train.grad_accum=3", "data.batch_size=4", "data.workers=1",
+                            "train.epochs=3"))
+    assert result["step"] == 6
+    assert len(starts) == 1 and len(pids) == 3 and len(set(pids)) == 1, (starts, pids)
+    assert [keys[0][1] for keys in planned] == [e for e in range(3) for _ in range(6)]  # (file, epoch, step, slot)
+    assert sorted({k[0] for keys in planned[:6] for k in keys}) == sorted(k[0] for keys in planned[:6] for k in keys)
+
+
+def test_dali_prepares_no_pipeline_past_the_last_epoch(demo_json, tmp_path, monkeypatch):
+    """DALI builds epoch e+1's pipeline while e ends, except after the run's last epoch (it used
+    to build one more, decode its first batch, and have close() wait for it)."""
+    pytest.importorskip("nvidia.dali")
+    from fastemd.pipelines.dali_views import DaliTwoViewLoader
+
+    prepared = []
+    prepare = DaliTwoViewLoader._prepare_ahead
+    monkeypatch.setattr(DaliTwoViewLoader, "_prepare_ahead", lambda self, e: (prepared.append(e), prepare(self, e))[1])
+    result = train(tiny_cfg(demo_json, tmp_path, "data.loader=dali", "train.epochs=3", "train.grad_accum=3",
+                            "data.batch_size=4"))
+    assert result["step"] == 6 and prepared == [1, 2]
+
+
+def test_dali_prepared_ahead_by_build_or_run_gives_the_same_run(demo_json, tmp_path):
+    """data.prepare_ahead=build runs the next pipeline's first batch at the boundary instead of
+    ahead: when, not what; the per-step losses are those of the default, to the bit."""
+    pytest.importorskip("nvidia.dali")
+    for mode in ("run", "build"):
+        train(tiny_cfg(demo_json, tmp_path / mode, "data.loader=dali", "train.max_steps=9", f"data.prepare_ahead={mode}"))
+    assert losses(tmp_path / "run") == losses(tmp_path / "build") and len(losses(tmp_path / "run")) == 9
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_resume_with_another_batch_keeps_the_global_batch(demo_json, tmp_path, monkeypatch, capsys, loader):
+    """Saved at batch 8, resumed with --data.batch_size=4: train.grad_accum 2 keeps the global batch
+    of 8, the schedules go on at the saved step, and (reference loader, recorded as it reads)
+    each step reads the images of the run never stopped; DALI's saved pipeline state, cut for
+    another batch, is not used (fresh augmentations, said so)."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    import fastemd.pipelines.torch_loader as tl
+
+    read: dict[str, list] = {}
+    get = tl._TwoViewDataset.__getitem__
+    monkeypatch.setattr(tl._TwoViewDataset, "__getitem__",
+                        lambda self, key: (read.setdefault(self.run, []).append(key), get(self, key))[1])
+    monkeypatch.setattr(tl._TwoViewDataset, "run", "straight", raising=False)
+    common = ["train.epochs=3", f"data.loader={loader}"]
+    train(tiny_cfg(demo_json, tmp_path / "straight", "train.max_steps=8", *common))
+    monkeypatch.setattr(tl._TwoViewDataset, "run", "part", raising=False)
+    train(tiny_cfg(demo_json, tmp_path / "part", "train.max_steps=6", *common))
+    monkeypatch.setattr(tl._TwoViewDataset, "run", "resumed", raising=False)
+    capsys.readouterr()
+    result = train(tiny_cfg(demo_json, tmp_path / "part", "train.max_steps=8", "data.batch_size=4",
+                            "train.resume=auto", *common))
+    said = capsys.readouterr().out
+    assert "(8 images a step, saved on 1 rank(s) x batch 8): train.grad_accum 2 on 1 rank(s) x batch 4" in said
+    assert ("was saved on 1 rank(s) x batch 8, this run is on 1 rank(s) x batch 4 x 2 micro-batches: the rest of "
+            "epoch 1 reads the images the saved run had not read yet (each once), resharded, with fresh augmentations"
+            in said.replace("\n", " "))
+    assert result["step"] == 8
+    state = load_checkpoint(result["checkpoint"])
+    assert (state["batch_size"], state["grad_accum"], state["global_batch"]) == (4, 2, 8)
+    a = [json.loads(r) for r in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(r) for r in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"], r["tau"]) for r in a] == [(r["step"], r["lr"], r["tau"]) for r in b]
+    if loader == "torch":  # (file, epoch, loader step, slot): step s of epoch 1 is loader steps 2s, 2s+1 at batch 4
+        straight = sorted((e, s, i) for i, e, s, _ in read["straight"] if e == 1 and s >= 2)
+        resumed = sorted((e, s // 2, i) for i, e, s, _ in read["resumed"])
+        assert straight == resumed and len(resumed) == 16
+
+
 def test_too_small_dataset_is_a_clear_error(demo_json, tmp_path):
     with pytest.raises(Exception, match=r"32 images"):
         train(tiny_cfg(demo_json, tmp_path, "data.batch_size=64"))
@@ -758,3 +855,36 @@ def test_buffer_snapshot_groups_by_dtype_and_restores(demo_json, tmp_path):
     assert not all(torch.equal(before[k], v) for k, v in model.named_buffers())
     snapshot.restore()
     assert all(torch.equal(before[k], v) for k, v in model.named_buffers())
+
+
+@pytest.mark.parametrize("oom_at, mode, boundary", [(9, "run", True), (6, "run", True), (5, "run", False),
+                                                    (3, "run", False), (9, "build", False)])
+def test_out_of_memory_at_an_epoch_boundary_names_prepare_ahead(demo_json, tmp_path, monkeypatch, oom_at, mode,
+                                                                boundary):
+    """An out-of-memory error past the first step, where DALI holds two epochs' pipelines (the
+    last steps of an epoch, the first of the next, with data.prepare_ahead=run), is one line naming
+    data.prepare_ahead=build; elsewhere it is the error it was. 8 steps an epoch, DALI's prefetch
+    2: the next pipeline is prepared from step 6 on, and epoch 1 starts at step 9."""
+    pytest.importorskip("nvidia.dali")
+    from fastemd.step import TrainStep
+
+    step = TrainStep.__call__
+    calls = {"n": 0}
+
+    def failing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == oom_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(TrainStep, "__call__", failing)
+    cfg = tiny_cfg(demo_json, tmp_path, "data.loader=dali", "data.batch_size=4", "train.max_steps=12",
+                   f"data.prepare_ahead={mode}", "train.ckpt_every=2")
+    if boundary:
+        with pytest.raises(TrainingError, match=rf"CUDA out of memory at step {oom_at}, at an epoch boundary .*"
+                                                r"--data.prepare_ahead=build keeps one pipeline's memory .*"
+                                                r"Last good checkpoint: .*step_0000000[48].pt"):
+            train(cfg)
+    else:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            train(cfg)

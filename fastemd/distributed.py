@@ -1,0 +1,199 @@
+"""Collectives that keep every rank of a run on one decision.
+
+A run's ranks must never disagree on what they train: the same files, the same checkpoint, the
+same step. What depends on what one process can see (a folder listing, a checkpoint that only
+node 0's disk holds, a shared filesystem whose listing lags on one node) is either
+
+- decided by rank 0 and handed to the others over the process group (`from_rank0`: the value,
+  tensors included, or rank 0's error, which every rank then raises), or
+- done on every rank and compared (`on_every_rank`): if any rank fails, every rank raises one
+  error naming that rank, its host and what it could not do.
+
+Either way no rank goes on alone into a collective the others never reach (gloo: "Connection
+closed by peer"; NCCL: a hang until the watchdog). Errors a rank re-raises for another carry
+`from_other_rank = True`, so that a launcher with many ranks prints them once per node, not once
+per rank (`fastemd.train.main`).
+
+Tensors travel as flat byte buffers, one dtype at a time in chunks of at most 256 MiB, on the
+process group's device (the GPU under NCCL), and come back to the host with their strides.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+CHUNK_BYTES = 256 << 20
+
+
+def _group_device() -> torch.device:
+    """Where the process group's collectives run: the current GPU for NCCL, the host for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A tensor's place in a broadcast skeleton."""
+
+    index: int
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+
+def _strip(value, tensors: list[torch.Tensor]):
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _Slot(len(tensors) - 1, tuple(value.shape), tuple(value.stride()), value.dtype)
+    if isinstance(value, dict):
+        return {k: _strip(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_strip(v, tensors) for v in value)
+    return value
+
+
+def _fill(skeleton, tensors: list[torch.Tensor]):
+    if isinstance(skeleton, _Slot):
+        return tensors[skeleton.index]
+    if isinstance(skeleton, dict):
+        return {k: _fill(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(_fill(v, tensors) for v in skeleton)
+    return skeleton
+
+
+def _slots(skeleton, found: list[_Slot]) -> list[_Slot]:
+    if isinstance(skeleton, _Slot):
+        found.append(skeleton)
+    elif isinstance(skeleton, dict):
+        for v in skeleton.values():
+            _slots(v, found)
+    elif isinstance(skeleton, (list, tuple)):
+        for v in skeleton:
+            _slots(v, found)
+    return found
+
+
+def broadcast_state(value, src: int = 0):
+    """`value` (a nested dict/list of tensors and plain values, on rank `src`; anything, ignored,
+    elsewhere) on every rank: plain values by pickle, tensors as flat per-dtype buffers on the
+    group's device. The copies are host tensors with the sender's shapes, dtypes and strides."""
+    rank = dist.get_rank()
+    tensors: list[torch.Tensor] = []
+    box = [_strip(value, tensors) if rank == src else None]
+    device = _group_device()
+    dist.broadcast_object_list(box, src=src, device=device)
+    skeleton = box[0]
+    slots = sorted(_slots(skeleton, []), key=lambda s: s.index)
+    if rank != src:
+        tensors = [torch.empty_strided(s.shape, s.stride, dtype=s.dtype) for s in slots]
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for s in slots:
+        by_dtype.setdefault(s.dtype, []).append(s.index)
+    for dtype, indices in by_dtype.items():
+        per_item = torch.empty((), dtype=dtype).element_size()
+        chunk: list[int] = []
+        size = 0
+        for i in [*indices, None]:
+            numel = tensors[i].numel() if i is not None else 0
+            if chunk and (i is None or (size + numel) * per_item > CHUNK_BYTES):
+                if size:  # every rank knows the sizes: all skip an empty chunk alike
+                    _broadcast_chunk([tensors[j] for j in chunk], dtype, size, device, src, rank == src)
+                chunk, size = [], 0
+            if i is not None:
+                chunk.append(i)
+                size += numel
+    return _fill(skeleton, tensors)
+
+
+def _broadcast_chunk(chunk: list[torch.Tensor], dtype: torch.dtype, size: int, device: torch.device,
+                     src: int, sending: bool) -> None:
+    # As bytes: every backend takes uint8 (gloo has no bool, and some builds no bfloat16).
+    nbytes = size * torch.empty((), dtype=dtype).element_size()
+    if sending:
+        flat = torch.cat([t.reshape(-1) for t in chunk]).view(torch.uint8).to(device)
+    else:
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dist.broadcast(flat, src=src)
+    if sending:
+        return
+    flat = flat.cpu().view(dtype)
+    offset = 0
+    for t in chunk:
+        t.copy_(flat[offset:offset + t.numel()].view(t.shape))  # copy_ keeps t's strides
+        offset += t.numel()
+
+
+class RankFailure(RuntimeError):
+    """Rank 0 (or another rank) failed in a step every rank must pass: unexpected errors of other
+    ranks reach this one as this, with their type and first line."""
+
+
+def _raise_as(kind: type, message: str, from_other_rank: bool) -> None:
+    try:
+        error = kind(message)
+    except Exception:  # noqa: BLE001 - a class that takes other arguments
+        error = RankFailure(message)
+    error.from_other_rank = from_other_rank
+    raise error
+
+
+def from_rank0(decide: Callable[[], object], *, errors: tuple[type, ...], what: str):
+    """Run `decide()` on rank 0 alone; return its value on every rank (tensors included, see
+    `broadcast_state`). An error of one of the `errors` classes is raised on every rank with rank
+    0's message; any other error is raised on rank 0 as it is and on the others as a RankFailure
+    saying `what` rank 0 was doing. Without a process group: `decide()`."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    outcome, value, failure = "ok", None, None
+    if dist.get_rank() == 0:
+        try:
+            value = decide()
+        except errors as e:
+            outcome, failure = "error", e
+            value = (type(e), str(e))
+        except Exception as e:
+            outcome, failure = "crash", e
+            value = (RankFailure, f"rank 0 failed while {what}: {type(e).__name__}: {_first_line(e)}")
+    shared = broadcast_state({"outcome": outcome, "value": value})
+    if failure is not None:
+        raise failure
+    if shared["outcome"] != "ok":
+        _raise_as(*shared["value"], from_other_rank=True)
+    return shared["value"]
+
+
+def on_every_rank(work: Callable[[], object], *, errors: tuple[type, ...], what: str) -> list:
+    """Run `work()` on every rank; return every rank's value (a list by rank: small, picklable
+    values). If any rank fails with one of `errors`, every rank raises that class (the first
+    failing rank's) with one line naming the rank, its host and its message; the failing rank
+    raises its own error unchanged. Any other error on a rank stops the others with a RankFailure.
+    Without a process group: [work()]."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [work()]
+    failure, report = None, ("ok", None)
+    try:
+        report = ("ok", work())
+    except errors as e:
+        failure, report = e, ("error", (type(e), str(e)))
+    except Exception as e:
+        failure, report = e, ("crash", (RankFailure, f"{type(e).__name__}: {_first_line(e)}"))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (socket.gethostname(), report))
+    if failure is not None:
+        raise failure
+    for rank, (host, (outcome, value)) in enumerate(gathered):
+        if outcome != "ok":
+            kind, message = value
+            _raise_as(kind, f"rank {rank} on {host} {what}: {message}", from_other_rank=True)
+    return [value for _, (_, value) in gathered]
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
