@@ -122,6 +122,18 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    # The online probe (fastemd/eval/online.py): `fastemd eval probe`'s kNN category probe and
+    # instance retrieval on the EMA backbone, during training, against a random init.
+    every: int = -1  # steps between probes (and one at the end); -1: about 10 over the run; 0: off
+    # a labelled COCO-format json of held-out images (e.g. instances_val2017.json); "": the demo's
+    # held-out split for the demo preset, off for the others
+    data: str = ""
+    max_images: int = 250  # images of eval.data probed (their boxes: the objects); 0: all
+    size: int = 0  # px of the probe's crops and views; 0: data.view1_size
+
+
+@dataclass
 class Config:
     preset: str = "coco_800ep"
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +143,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -432,7 +445,12 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)!r}")
-    for key in ["train.max_steps", "train.ckpt_every", "train.ckpt_minutes", "data.workers", "train.cpu_threads", "optim.weight_decay",
+    if cfg.eval.every < -1:
+        raise ConfigError(f"eval.every must be -1 (about 10 probes a run), 0 (off) or a number of steps, "
+                          f"got {cfg.eval.every}")
+    if 0 < cfg.eval.size < MIN_VIEW_SIZE:
+        raise ConfigError(f"eval.size must be 0 (data.view1_size) or >= {MIN_VIEW_SIZE} px, got {cfg.eval.size}")
+    for key in ["eval.max_images", "eval.size", "train.max_steps", "train.ckpt_every", "train.ckpt_minutes", "data.workers", "train.cpu_threads", "optim.weight_decay",
                 "optim.warmup_epochs", "loss.global_weight", "loss.dense_weight", "optim.base_lr"]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:

@@ -8,7 +8,10 @@ last log step's metrics. Elsewhere (CI, SLURM logs, `| tee`): one plain line per
     mem 31.2G | mfu 38% | skipped 0 | eta 0:21:14
 
 (`gap` dense/global, `spread` dense/global and `rank` are the health signals of
-fastemd/health.py), and a line starting `WARNING` when fastemd.health.HealthMonitor raises one.
+fastemd/health.py; a step with an online probe adds `probe knn 0.512 (0.401) retrieval 0.081
+(0.029)`, the EMA backbone's and, in brackets, a random init's: fastemd/eval/online.py, shown on
+the panel until the next probe), and a line starting `WARNING` when fastemd.health.HealthMonitor
+raises one.
 An "image" is one dataset image, i.e. one pair of views, everywhere in fastemd.
 """
 
@@ -62,6 +65,9 @@ def format_line(m: dict) -> str:
     if m.get("ckpt_ms"):  # the window held a checkpoint: what the steps waited for it
         parts.append(f"ckpt {m['ckpt_ms']:.0f} ms")
     parts += [f"skipped {m['skipped_steps']}", f"eta {_eta(m.get('eta_s'))}"]
+    if m.get("probe_knn") is not None:  # an online probe at this step (the random init's beside it)
+        parts.append(f"probe knn {m['probe_knn']:.3f} ({m['probe_knn_random']:.3f}) "
+                     f"retrieval {m['probe_retrieval']:.3f} ({m['probe_retrieval_random']:.3f})")
     if m.get("health_warning"):
         parts.append(f"WARNING {m['health_warning']}")
     return " | ".join(parts)
@@ -78,6 +84,7 @@ class Dashboard:
         self.title = title
         self.live = None
         self.warning = None
+        self.probe: dict = {}  # the last online probe's metrics, shown until the next one
         if not self.rich:
             return
         self.progress = Progress(
@@ -116,6 +123,11 @@ class Dashboard:
              "spread d/g", _pair(m, "spread_dense", "spread_global", "{:.2f}"),
              "rank", get("rank", "{:.1f}"), "sinkhorn err", get("sinkhorn_err", "{:.1e}")),
         ]
+        p = self.probe
+        if p:  # the online probe (fastemd/eval/online.py): EMA backbone (random init)
+            rows.append(("probe kNN", f"{p['probe_knn']:.3f} ({p['probe_knn_random']:.3f})",
+                         "retrieval", f"{p['probe_retrieval']:.3f} ({p['probe_retrieval_random']:.3f})",
+                         "at step", str(p["step"]), "probe", f"{p['probe_s']:.1f} s"))
         for row in rows:
             table.add_row(*row)
         return table
@@ -132,6 +144,8 @@ class Dashboard:
         if not self.rich:
             print(format_line(m), flush=True)
             return
+        if m.get("probe_knn") is not None:
+            self.probe = m
         self.progress.update(self.run_task, completed=m["step"])
         self.progress.update(self.epoch_task, completed=m["step_in_epoch"], description="epoch")
         self.table = self._table(m)

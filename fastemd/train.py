@@ -71,6 +71,7 @@ from fastemd.checkpoint import (
 from fastemd.config import Config, to_toml
 from fastemd.dashboard import Dashboard, Meter, now
 from fastemd.distributed import from_rank0, on_every_rank
+from fastemd.eval.online import KEYS as PROBE_KEYS
 from fastemd.health import KEYS as HEALTH_KEYS
 from fastemd.health import HealthMonitor, health_metrics, health_summary
 from fastemd.pipelines.sources import DataError
@@ -581,6 +582,33 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     if cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda):
         step_model = compile_for_training(step_model, optimizer, cfg.train)  # the model and LARS' update
 
+    # ---- the online probe (rank 0): the EMA backbone against a random init, during training -----
+    probe, probe_every = None, 0
+    probe_data = cfg.eval.data or ("demo" if cfg.preset == "demo" else "")
+    if cfg.eval.every and probe_data:
+        probe_every = cfg.eval.every if cfg.eval.every > 0 else max(1, total_steps // 10)
+
+        def prepare_probe() -> None:
+            nonlocal probe
+            from fastemd.eval.online import OnlineProbe
+            from fastemd.eval.probe import ProbeError, resolve_probe_data
+
+            try:
+                probe = OnlineProbe(resolve_probe_data(probe_data), cfg.eval.size or cfg.data.view1_size,
+                                    cfg.eval.max_images, cfg.model.arch, cfg.model.width, env.device)
+            except ProbeError as e:
+                raise TrainingError(f"eval.data: {e}; name a labelled COCO json (--eval.data), or --eval.every=0 to "
+                                    "train without the online probe") from None
+
+        from_rank0(prepare_probe, errors=AGREED, what="preparing the online probe")
+        if probe is not None:
+            say(f"fastemd: online probe every {probe_every} steps and at the end ({probe.setup_s:.1f} s to prepare): "
+                f"{probe.describe()}")
+    elif cfg.eval.every:
+        say("fastemd: online probe off: no labelled held-out set; --eval.data=LABELLED_VAL.json (e.g. "
+            "instances_val2017.json) turns it on")
+    probes: list[dict] = []  # this run's probe results, for the closing lines
+
     # ---- what we report ---------------------------------------------------------------------
     from fastemd.flops import flops_per_pair, peak_flops
 
@@ -662,6 +690,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     done_in_epoch = start_in_epoch  # steps of `epoch` already done: where a resumed run starts
     batches = None
+    run_start = now()
     with StopSignal() as stop:
         try:
             while step < run_steps and epoch < cfg.train.epochs:
@@ -703,7 +732,8 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                         timed_steps, window_data_wait, window_start = 0, 0.0, now()
 
                     last = step == run_steps or step_in_epoch + 1 == steps_per_epoch
-                    if window_steps and (step % cfg.log.every == 0 or last):
+                    probe_due = probe_every and (step % probe_every == 0 or step == run_steps)
+                    if window_steps and (step % cfg.log.every == 0 or last or probe_due):
                         # Health signals of the last step's batch (fastemd/health.py): log steps only,
                         # rank 0 only (the others show nothing).
                         signals = (health_metrics(out["maps"], cfg.loss) if env.main
@@ -723,6 +753,9 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                                      data_wait_pct=100 * window_data_wait / elapsed,
                                      mfu=pair_flops * images_per_s / (peak * env.world_size) if peak else None,
                                      eta_s=(run_steps - step) * sec_per_step)
+                        if probe_due and probe is not None:  # rank 0; not in the step timing (measured apart)
+                            m.update(probe(model.target.backbone))
+                            probes.append(dict(m))
                         now_warning = monitor.update(step, m)
                         if now_warning and not warning:  # said once when it trips, then on the panel
                             dash.print(f"fastemd: WARNING at step {step}: {now_warning}", style="bold red")
@@ -738,7 +771,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                             metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
                             metrics_file.flush()
                         if tb is not None:
-                            for k in (*keys, *HEALTH_KEYS, "lr", "tau", "images_per_s", "data_wait_pct"):
+                            for k in (*keys, *HEALTH_KEYS, "lr", "tau", "images_per_s", "data_wait_pct", *PROBE_KEYS):
                                 if m.get(k) is not None and math.isfinite(m[k]):  # no timing in the first window
                                     tb.add_scalar(f"train/{k}", m[k], step)
                         window.zero_()
@@ -829,12 +862,24 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 f"`fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)")
         if last_metrics:
             say(f"  health:     {health_summary(last_metrics)}")
+        if probes:
+            say(f"  online probe: {_probe_summary(probes, now() - run_start)}")
         if result.get("backbone") or last_ckpt:
             # A falling loss is no evidence of learning (SPEC 7): the probe measures the backbone.
             data = "demo" if not cfg.data.sources else "LABELLED_VAL.json (e.g. instances_val2017.json)"
             say(f"  is it better than random init? fastemd eval probe {result.get('backbone', last_ckpt)} "
                 f"--data {data}{'' if cfg.data.view1_size == 96 else f' --size {cfg.data.view1_size}'}")
     return result
+
+
+def _probe_summary(probes: list[dict], run_seconds: float) -> str:
+    """The online probe over this run: first and last, against random init, and what it cost."""
+    a, b = probes[0], probes[-1]
+    spent = sum(p["probe_s"] for p in probes)
+    return (f"kNN {a['probe_knn']:.3f} at step {a['step']} -> {b['probe_knn']:.3f} at step {b['step']} (random init "
+            f"{b['probe_knn_random']:.3f}); retrieval {a['probe_retrieval']:.3f} -> {b['probe_retrieval']:.3f} (random "
+            f"{b['probe_retrieval_random']:.3f}); {len(probes)} probe(s), {spent:.1f} s, "
+            f"{100 * spent / max(run_seconds, 1e-9):.1f}% of the run")
 
 
 def main(cfg: Config) -> int:

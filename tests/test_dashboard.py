@@ -77,3 +77,27 @@ def test_rich_panel_shows_health_and_the_warning():
     text = buffer.getvalue()
     for part in ["gap d/g", "+0.112/-", "spread d/g", "0.71/-", "41.2", "2.5e-04", "WARNING not learning: gap dense +0.001"]:
         assert part in text, part
+
+
+PROBE = dict(probe_knn=0.5124, probe_retrieval=0.0812, probe_knn_random=0.4011, probe_retrieval_random=0.0291,
+             probe_s=2.31)
+
+
+def test_plain_line_shows_an_online_probe_on_its_step_only():
+    assert "probe" not in format_line(METRICS)
+    line = format_line({**METRICS, **PROBE})
+    assert "| probe knn 0.512 (0.401) retrieval 0.081 (0.029)" in line
+
+
+def test_rich_panel_keeps_the_last_probe_until_the_next():
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=160, color_system=None)
+    dash = Dashboard(3200, 100, mode="rich", console=console)
+    dash.update(METRICS)
+    assert "probe kNN" not in dash._table(METRICS).columns[0]._cells
+    dash.update({**METRICS, **PROBE})
+    dash.update({**METRICS, "step": 130})  # a log step without a probe: the last one stays on the panel
+    cells = [c for column in dash.table.columns for c in column._cells]
+    dash.close()
+    for part in ["probe kNN", "0.512 (0.401)", "retrieval", "0.081 (0.029)", "at step", "120", "2.3 s"]:
+        assert part in cells, (part, cells)
