@@ -173,6 +173,11 @@ class CheckpointWriter:
             self.raise_error()
         return self.last
 
+    @property
+    def failed(self) -> bool:
+        """A write failed and its error is not raised yet (a flag read: no wait)."""
+        return self._error is not None
+
     def raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None

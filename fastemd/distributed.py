@@ -54,8 +54,13 @@ def _strip(value, tensors: list[torch.Tensor]):
     if isinstance(value, dict):
         return {k: _strip(v, tensors) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_strip(v, tensors) for v in value)
+        return _rebuilt(value, [_strip(v, tensors) for v in value])
     return value
+
+
+def _rebuilt(like, items: list):
+    """A list or tuple of `like`'s type holding `items` (a named tuple takes them as arguments)."""
+    return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
 
 
 def _fill(skeleton, tensors: list[torch.Tensor]):
@@ -64,7 +69,7 @@ def _fill(skeleton, tensors: list[torch.Tensor]):
     if isinstance(skeleton, dict):
         return {k: _fill(v, tensors) for k, v in skeleton.items()}
     if isinstance(skeleton, (list, tuple)):
-        return type(skeleton)(_fill(v, tensors) for v in skeleton)
+        return _rebuilt(skeleton, [_fill(v, tensors) for v in skeleton])
     return skeleton
 
 
@@ -91,8 +96,9 @@ def broadcast_state(value, src: int = 0):
     dist.broadcast_object_list(box, src=src, device=device)
     skeleton = box[0]
     slots = sorted(_slots(skeleton, []), key=lambda s: s.index)
-    if rank != src:
-        tensors = [torch.empty_strided(s.shape, s.stride, dtype=s.dtype) for s in slots]
+    if rank != src:  # the sender's strides where they describe a plain layout (not an expanded view)
+        tensors = [torch.empty_strided(s.shape, s.stride, dtype=s.dtype) if _dense(s.shape, s.stride)
+                   else torch.empty(s.shape, dtype=s.dtype) for s in slots]
     by_dtype: dict[torch.dtype, list[int]] = {}
     for s in slots:
         by_dtype.setdefault(s.dtype, []).append(s.index)
@@ -110,6 +116,16 @@ def broadcast_state(value, src: int = 0):
                 chunk.append(i)
                 size += numel
     return _fill(skeleton, tensors)
+
+
+def _dense(shape: tuple, stride: tuple) -> bool:
+    """The elements fill their storage span without gaps or overlaps (any order of the dims)."""
+    expected = 1
+    for step, size in sorted((st, n) for st, n in zip(stride, shape) if n > 1):
+        if step != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _broadcast_chunk(chunk: list[torch.Tensor], dtype: torch.dtype, size: int, device: torch.device,
@@ -147,8 +163,8 @@ def _raise_as(kind: type, message: str, from_other_rank: bool) -> None:
 def from_rank0(decide: Callable[[], object], *, errors: tuple[type, ...], what: str):
     """Run `decide()` on rank 0 alone; return its value on every rank (tensors included, see
     `broadcast_state`). An error of one of the `errors` classes is raised on every rank with rank
-    0's message; any other error is raised on rank 0 as it is and on the others as a RankFailure
-    saying `what` rank 0 was doing. Without a process group: `decide()`."""
+    0's message; any other error (an interrupt too) is raised on rank 0 as it is and on the others
+    as a RankFailure saying `what` rank 0 was doing. Without a process group: `decide()`."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return decide()
     outcome, value, failure = "ok", None, None
@@ -158,7 +174,7 @@ def from_rank0(decide: Callable[[], object], *, errors: tuple[type, ...], what: 
         except errors as e:
             outcome, failure = "error", e
             value = (type(e), str(e))
-        except Exception as e:
+        except BaseException as e:  # a bug, Ctrl-C, SystemExit: the others must not wait on a broadcast
             outcome, failure = "crash", e
             value = (RankFailure, f"rank 0 failed while {what}: {type(e).__name__}: {_first_line(e)}")
     shared = broadcast_state({"outcome": outcome, "value": value})
@@ -171,10 +187,11 @@ def from_rank0(decide: Callable[[], object], *, errors: tuple[type, ...], what: 
 
 def on_every_rank(work: Callable[[], object], *, errors: tuple[type, ...], what: str) -> list:
     """Run `work()` on every rank; return every rank's value (a list by rank: small, picklable
-    values). If any rank fails with one of `errors`, every rank raises that class (the first
-    failing rank's) with one line naming the rank, its host and its message; the failing rank
-    raises its own error unchanged. Any other error on a rank stops the others with a RankFailure.
-    Without a process group: [work()]."""
+    values). If any rank fails with one of `errors`, every rank raises: the lowest failing rank
+    its own error, the others that class with one line naming that rank, its host and its
+    message (marked `from_other_rank`, their own error too: a failure every rank meets alike is
+    said once per node, not once per rank). Any other error (an interrupt too) is raised on its
+    rank as it is and stops the others with a RankFailure. Without a process group: [work()]."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [work()]
     failure, report = None, ("ok", None)
@@ -182,17 +199,18 @@ def on_every_rank(work: Callable[[], object], *, errors: tuple[type, ...], what:
         report = ("ok", work())
     except errors as e:
         failure, report = e, ("error", (type(e), str(e)))
-    except Exception as e:
+    except BaseException as e:
         failure, report = e, ("crash", (RankFailure, f"{type(e).__name__}: {_first_line(e)}"))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (socket.gethostname(), report))
-    if failure is not None:
+    failed = [r for r, (_, (outcome, _)) in enumerate(gathered) if outcome != "ok"]
+    if not failed:
+        return [value for _, (_, value) in gathered]
+    first = failed[0]
+    if failure is not None and (dist.get_rank() == first or report[0] == "crash"):
         raise failure
-    for rank, (host, (outcome, value)) in enumerate(gathered):
-        if outcome != "ok":
-            kind, message = value
-            _raise_as(kind, f"rank {rank} on {host} {what}: {message}", from_other_rank=True)
-    return [value for _, (_, value) in gathered]
+    host, (_, (kind, message)) = gathered[first]
+    _raise_as(kind, f"rank {first} on {host} {what}: {message}", from_other_rank=True)
 
 
 def _first_line(error: BaseException) -> str:

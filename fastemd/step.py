@@ -6,13 +6,16 @@
     one all-reduce) -> LARS -> EMA update of the target -> (fp16: the scale's update) -> zero the
     gradients
 
-The one host read: four flags in one MIN all-reduce: were the loss and (without a GradScaler)
+The one host read: five flags in one MIN all-reduce: were the loss and (without a GradScaler)
 the gradients finite on every rank (a finite loss can still back-propagate inf); with fp16, did
 the GradScaler's unscale find no inf/NaN gradient on any rank (it records that on the device, no
 read); did any rank get SIGTERM/SIGINT (negated: the MIN is the largest signal number); is a
-wall-clock checkpoint due (the caller passes rank 0's view; the others pass False). So every rank
+wall-clock checkpoint due (the caller passes rank 0's view; the others pass False); must a rank
+stop (`abort`, asked after the micro-batches: its loader failed, or rank 0's checkpoint write
+did; the step then changes nothing, as a non-finite one). So every rank
 learns the same answers at the same step, and a non-finite step changes nothing: no LARS, no EMA,
-and the BatchNorm running statistics its forward moved are put back. With fp16 the flag decides
+and the BatchNorm running statistics its forward moved are put back (and the GradScaler's
+scale stays where it was: a non-finite loss is not an overflow). With fp16 the flag decides
 the optimizer step itself (LARS on the unscaled gradients, not `scaler.step`, which would read the
 device again) and `scaler.update()` adjusts the scale on the device: one read per step with any
 precision. The caller (the trainer) counts, logs, checkpoints and stops.
@@ -73,6 +76,7 @@ class StepOutcome:
     overflow: bool  # fp16: inf/NaN gradients from a finite loss: LARS and the EMA skipped, the scale lowered
     stop_signal: int  # the largest SIGTERM/SIGINT number any rank has seen (0: none)
     checkpoint_due: bool  # rank 0's clock says a wall-clock checkpoint is due
+    abort: bool  # a rank must stop (a loader error; rank 0's checkpoint write failed): nothing changed, all stop
     parts: torch.Tensor  # (4,) KEYS, means over the micro-batches, on the device (no sync)
     out: dict  # the last micro-batch's outputs (the maps, for the health signals)
     data_wait: float  # seconds the host waited for batches
@@ -101,11 +105,12 @@ class TrainStep:
         self.amp_dtype, self.memory_format, self.accum, self.distributed = amp_dtype, memory_format, accum, distributed
         self.device = next(model.parameters()).device
         self.bn_state = BufferSnapshot(model)
-        self.flags = torch.zeros(4, device=self.device)  # the one reduction: finite, no overflow, -signal, -ckpt due
+        # the one reduction: finite, no overflow, -signal, -checkpoint due, -abort
+        self.flags = torch.zeros(5, device=self.device)
 
     def __call__(self, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, lr: float,
                  weight_decay: float, tau: float, stop_signal: int = 0, checkpoint_due: bool = False,
-                 mark: Callable[[str], None] | None = None) -> StepOutcome:
+                 abort: bool | Callable[[], bool] = False, mark: Callable[[str], None] | None = None) -> StepOutcome:
         mark = mark or (lambda name: None)
         for group in self.optimizer.param_groups:  # the schedules' entries for this step
             group["lr"] = lr
@@ -148,12 +153,16 @@ class TrainStep:
         self.flags[1].copy_(no_overflow)
         self.flags[2].fill_(-float(stop_signal))
         self.flags[3].fill_(-float(checkpoint_due))
+        self.flags[4].fill_(-float(abort() if callable(abort) else abort))  # asked after the batches: a loader error
         if self.distributed:
             dist.all_reduce(self.flags, op=dist.ReduceOp.MIN)
-        all_finite, all_in_range, minus_signal, minus_due = self.flags.tolist()  # syncs: the step's one host read
+        # syncs: the step's one host read
+        all_finite, all_in_range, minus_signal, minus_due, minus_abort = self.flags.tolist()
         mark("host read")
 
         applied = False
+        aborting = minus_abort < 0  # a rank must stop: this step changes nothing, like a non-finite one
+        all_finite = 0.0 if aborting else all_finite
         overflow = all_finite == 1.0 and all_in_range != 1.0  # fp16: routine while the scale settles
         if all_finite == 1.0 and not overflow:
             self.optimizer.step()  # the gradients are unscaled already (fp16) or were never scaled
@@ -162,8 +171,12 @@ class TrainStep:
         elif not overflow:
             self.bn_state.restore()
         if self.scaler.is_enabled():
-            self.scaler.update()  # lowers the scale after an inf/NaN gradient, on the device
+            if all_finite == 1.0:
+                self.scaler.update()  # lowers the scale after an inf/NaN gradient, on the device
+            else:  # a non-finite loss is a skipped step, not an overflow: the scale stays (no read)
+                self.scaler.update(self.scaler._scale)
         self.optimizer.zero_grad(set_to_none=True)
         mark("optimizer+ema")
         return StepOutcome(applied=applied, overflow=overflow, stop_signal=int(-minus_signal),
-                           checkpoint_due=minus_due < 0, parts=parts_sum / self.accum, out=out, data_wait=data_wait)
+                           checkpoint_due=minus_due < 0, abort=aborting, parts=parts_sum / self.accum, out=out,
+                           data_wait=data_wait)

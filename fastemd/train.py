@@ -11,12 +11,13 @@ The step itself (forward, backward, the host read, LARS, EMA) is `fastemd/step.p
 `TrainStep`, the code `fastemd profile step|e2e` times too; this file is everything around it.
 
 Host synchronisation: metrics stay on the device and are read (`.item()`) only on log steps.
-The one read per step (in `TrainStep`) is four flags in one all-reduce: "were this step's loss and
+The one read per step (in `TrainStep`) is five flags in one all-reduce: "were this step's loss and
 gradients finite on every rank" and, with fp16, "did the GradScaler find no inf gradient", taken
 before the optimizer step so that a non-finite step changes nothing (no LARS, no EMA, and the
 BatchNorm running statistics its forward touched are put back); "did a rank get SIGTERM/SIGINT";
-"is a wall-clock checkpoint due" (rank 0's clock). So all ranks stop, and checkpoint, at the same
-step, within one step of a signal.
+"is a wall-clock checkpoint due" (rank 0's clock); "must the run stop" (rank 0's background
+checkpoint write failed). So all ranks stop, and checkpoint, at the same step, within one step of
+a signal, and no rank stops alone while the others wait in a collective.
 
 Checkpoints (`train.ckpt_every` steps, `train.ckpt_minutes`, a stop, the end; never forced at an
 epoch end) are a host snapshot at the step and a background write (`CheckpointWriter`); a stop
@@ -177,10 +178,41 @@ def _fingerprint(files: list[str]) -> str:
     import hashlib
 
     root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    cut = len(root.rstrip(os.sep)) + 1  # slicing: os.path.relpath took 8 s for 1.2 M paths
     digest = hashlib.sha1()
     for path in files:
-        digest.update(os.fsencode(os.path.relpath(path, root)) + b"\0")
+        digest.update(os.fsencode(path[cut:]) + b"\0")
     return digest.hexdigest()
+
+
+def _write_run_folder(cfg: Config, out_dir: Path, revision: str, resumed_step: int | None, accum: int,
+                      env: Env) -> None:
+    """Rank 0: config.toml; at a resume, the checkpoints and metrics past the resumed step set
+    aside (another timeline); at a fresh start, the metrics of an earlier run without checkpoints."""
+    say = print
+    metrics_path = out_dir / "metrics.jsonl"
+    if resumed_step is not None:  # what lies beyond the step belongs to a timeline this run replaces
+        for stale in set_aside_newer(out_dir, resumed_step):
+            say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
+        try:
+            _trim_metrics(metrics_path, resumed_step)
+        except OSError as e:
+            raise TrainingError(f"cannot rewrite {metrics_path} ({e.strerror or e}); free space, then --resume auto "
+                                "again") from None
+    layout = ""
+    if accum != cfg.train.grad_accum:  # a derived value, never written into the config: said beside it
+        layout = (f"# this run: train.grad_accum {accum} on {env.world_size} rank(s) x batch {cfg.data.batch_size} "
+                  f"keeps its checkpoint's global batch of {cfg.data.batch_size * env.world_size * accum}\n")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(f"# fastemd {revision}\n{layout}" + to_toml(cfg))
+        if resumed_step is None and metrics_path.is_file() and metrics_path.stat().st_size:
+            # rows of a run that stopped before its first checkpoint: another timeline, kept aside
+            aside = set_aside(metrics_path)
+            say(f"fastemd: {metrics_path.name} of an earlier run without checkpoints set aside as {aside.name}")
+    except OSError as e:
+        raise TrainingError(f"cannot write the run folder {out_dir} ({e.strerror or e}); "
+                            "choose another --train.out_dir") from None
 
 
 def _agreed(env: Env, error: Exception) -> Exception:
@@ -227,11 +259,21 @@ def _read_checkpoint_to_resume(cfg: Config, out_dir: Path, num_files: int,
     _check_same_model(state, cfg, path)
     accum = _accum_keeping_global_batch(state, cfg, world_size, path)
     steps = steps_per_epoch(num_files, cfg.data.batch_size, world_size, cfg.data.drop_last, accum)
-    if state.get("steps_per_epoch") not in (None, steps):
+    saved = state.get("steps_per_epoch")
+    if saved not in (None, steps):
+        layout = _data_layout(state)
+        old_plan = -(-num_files // (layout["world_size"] * layout["batch_size"])) // layout["grad_accum"]
+        if "global_batch" not in state and not cfg.data.drop_last and layout["grad_accum"] > 1 and saved == old_plan:
+            raise TrainingError(
+                f"{path}: written by fastemd {state.get('git', 'of an older revision')}, whose epochs with "
+                f"data.drop_last=false and train.grad_accum {layout['grad_accum']} had {saved} steps; this version "
+                f"cuts an epoch into whole global batches ({steps} steps), so the schedules would not continue: resume it "
+                "with that revision, or start a new out_dir")
         raise TrainingError(
-            f"{path}: saved with {state['steps_per_epoch']} steps per epoch, this run has {steps} of the same "
-            f"global batch ({cfg.data.batch_size * world_size * accum} images from {num_files}): the data differ; "
-            "resume with the run's own data, or start a new out_dir"
+            f"{path}: saved with {saved} steps per epoch, this run has {steps} of the same global batch "
+            f"({cfg.data.batch_size * world_size * accum} images from {num_files}, data.drop_last="
+            f"{str(cfg.data.drop_last).lower()}): the data or data.drop_last differ; resume with the run's own, or "
+            "start a new out_dir"
         )
     return state, str(path), accum
 
@@ -260,10 +302,12 @@ def _accum_keeping_global_batch(state: dict, cfg: Config, world_size: int, sourc
     if batch * world_size * accum == saved:
         return accum
     if saved % (batch * world_size) == 0:
-        accum = saved // (batch * world_size)
+        chosen = saved // (batch * world_size)
+        asked = (f" (train.grad_accum={accum} would make it {batch * world_size * accum}: a run keeps its global "
+                 "batch, which its lr and schedules were made for)" if accum != 1 else "")
         print(f"fastemd: keeping the global batch of {source} ({saved} images a step, saved on "
-              f"{_layout_text(layout)}): train.grad_accum {accum} on {world_size} rank(s) x batch {batch}")
-        return accum
+              f"{_layout_text(layout)}): train.grad_accum {chosen} on {world_size} rank(s) x batch {batch}{asked}")
+        return chosen
     options = [(saved // (world_size * a), a) for a in range(1, saved + 1) if saved % (world_size * a) == 0]
     fits = [o for o in options if o[0] <= batch] or options
     if not fits:
@@ -487,18 +531,31 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                        what="reading the checkpoint to resume")
     state, resumed_from, accum = found if found else (None, None, cfg.train.grad_accum)
 
-    loader_kind = choose_loader(cfg.data.loader)
+    # one loader kind for every rank (with "auto", a node without DALI would read other augmentations)
+    loader_kind = from_rank0(lambda: choose_loader(cfg.data.loader), errors=AGREED, what="choosing the loader")
     # DALI's next-epoch pipeline: on a GPU built ahead but run after the last one is freed (its
     # buffers would about double the pipeline's memory: BENCHMARKS.md, "Epoch boundaries")
     prepare_ahead = ("build" if cuda else "run") if cfg.data.prepare_ahead == "auto" else cfg.data.prepare_ahead
-    loader = build_two_view_loader(
-        files, kind=loader_kind, batch_size=cfg.data.batch_size,
-        view_sizes=(cfg.data.view1_size, cfg.data.view2_size), crop_scale_min=cfg.data.crop_scale_min,
-        rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device,
-        workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
-        on_bad_file=cfg.data.on_bad_file, drop_last=cfg.data.drop_last, accum=accum,
-        prepare_ahead=prepare_ahead,
-    )
+    built = []
+
+    def build_loader() -> None:
+        try:
+            built.append(make_loader())
+        except RuntimeError as e:  # DALI missing on this rank's node, a pipeline that cannot be built
+            raise TrainingError(f"data.loader {loader_kind}: {e}") from None
+
+    def make_loader():
+        return (build_two_view_loader(
+            files, kind=loader_kind, batch_size=cfg.data.batch_size,
+            view_sizes=(cfg.data.view1_size, cfg.data.view2_size), crop_scale_min=cfg.data.crop_scale_min,
+            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device,
+            workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
+            on_bad_file=cfg.data.on_bad_file, drop_last=cfg.data.drop_last, accum=accum,
+            prepare_ahead=prepare_ahead,
+        ))
+
+    on_every_rank(build_loader, errors=AGREED, what="cannot build its data loader")
+    loader = built[0]
     steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
     global_batch = cfg.data.batch_size * env.world_size * accum
     total_steps = cfg.train.epochs * steps_per_epoch  # what the schedules span
@@ -541,33 +598,17 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         elif saved_layout != layout:
             say(f"fastemd: {resumed_from} was saved on {_layout_text(saved_layout)}, this run is on "
                 f"{_layout_text(layout)}: the rest of epoch {epoch} reads the images the saved run had not read yet "
-                "(each once), resharded, with fresh augmentations")
+                f"(each once{'' if cfg.data.drop_last else ', the padding aside'}), resharded, with fresh "
+                "augmentations")
         say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)"
             + (f"; its state reached the {env.world_size - 1} other rank(s) from rank 0" if env.distributed else ""))
         del state, found  # the loaded copy (host memory the size of the checkpoint) is not needed again
-        if env.main:  # what lies beyond `step` belongs to a timeline this run replaces
-            for stale in set_aside_newer(out_dir, step):
-                say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
-            try:
-                _trim_metrics(out_dir / "metrics.jsonl", step)
-            except OSError as e:
-                raise TrainingError(f"cannot rewrite {out_dir / 'metrics.jsonl'} ({e.strerror or e}); free "
-                                    "space, then --resume auto again") from None
     if start_in_epoch >= steps_per_epoch:
         epoch, start_in_epoch = epoch + 1, 0
     first_step = step
-    if env.main:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.toml").write_text(f"# fastemd {revision}\n" + to_toml(cfg))
-            metrics_path = out_dir / "metrics.jsonl"
-            if not resumed_from and metrics_path.is_file() and metrics_path.stat().st_size:
-                # rows of a run that stopped before its first checkpoint: another timeline, kept aside
-                aside = set_aside(metrics_path)
-                say(f"fastemd: {metrics_path.name} of an earlier run without checkpoints set aside as {aside.name}")
-        except OSError as e:
-            raise TrainingError(f"cannot write the run folder {out_dir} ({e.strerror or e}); "
-                                "choose another --train.out_dir") from None
+    # rank 0 writes the run folder; a failure there stops every rank (one line)
+    from_rank0(lambda: _write_run_folder(cfg, out_dir, revision, step if resumed_from else None, accum, env),
+               errors=AGREED, what="writing the run folder")
     if not resumed_from:
         torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seeds for anything random after init
 
@@ -666,6 +707,9 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             data_states = gathered
         if not env.main:
             return
+        writer.wait(raise_error=False)
+        if writer.failed:  # the step's reduction stops every rank at the next step, with its error
+            return
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -690,6 +734,20 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     done_in_epoch = start_in_epoch  # steps of `epoch` already done: where a resumed run starts
     batches = None
+    # A loader error on one rank (data.on_bad_file=stop) must not leave the others waiting in the
+    # step's collectives: the rank joins the step with a stand-in batch of zeros, and the step's
+    # reduction stops every rank (the step changes nothing).
+    bad_image: list[BadImageError] = []
+    stand_in = (torch.zeros(cfg.data.batch_size, 3, cfg.data.view1_size, cfg.data.view1_size),
+                torch.zeros(cfg.data.batch_size, 3, cfg.data.view2_size, cfg.data.view2_size))
+
+    def next_batch():
+        if not bad_image:
+            try:
+                return next(batches)
+            except BadImageError as e:
+                bad_image.append(e)
+        return stand_in
     run_start = now()
     with StopSignal() as stop:
         try:
@@ -702,10 +760,21 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                         break
                     # fastemd/step.py: forward, backward, the one host read (finite? a stop signal on
                     # any rank? a wall-clock checkpoint due by rank 0's clock?), LARS, EMA.
-                    outcome = train_step(lambda: next(batches), lr=float(lr_sched[step]),
+                    outcome = train_step(next_batch, lr=float(lr_sched[step]),
                                          weight_decay=float(wd_sched[step]), tau=float(tau_sched[step]),
                                          stop_signal=stop.signum,
-                                         checkpoint_due=env.main and 0 < ckpt_seconds <= now() - saved_time)
+                                         checkpoint_due=env.main and 0 < ckpt_seconds <= now() - saved_time,
+                                         abort=lambda: bool(bad_image) or (env.main and writer.failed))
+                    if outcome.abort:  # a rank must stop (and changed nothing this step): every rank stops here
+                        if bad_image:
+                            raise bad_image[0]
+                        if env.main and writer.failed:
+                            with write_errors():
+                                writer.raise_error()
+                        last = (f"; last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}"
+                                if env.main else "")
+                        raise _agreed(env, TrainingError("another rank stopped the run: its message (in its node's "
+                                                         f"log) says why{last}"))
                     out, stop_now, ckpt_due = outcome.out, outcome.stop_signal, outcome.checkpoint_due
                     window += outcome.parts
                     window_data_wait += outcome.data_wait
@@ -778,8 +847,6 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                         window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, now()
                         window_ckpt = 0.0
 
-                    with write_errors():
-                        writer.raise_error()  # a background write that failed stops the run here
                     if stop_now:
                         ended = f"stopped by {signal.Signals(stop_now).name}"
                         checkpoint()
@@ -800,8 +867,9 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         except BadImageError as e:  # a clean stop, the last checkpoint untouched
             why = ("data.on_bad_file=stop" if cfg.data.on_bad_file == "stop"
                    else "data.on_bad_file=skip found no decodable image to put in its place")
-            raise TrainingError(f"stopping on a bad image ({why}): {e}. "
-                                f"Last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}") from None
+            where = (f"Last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}" if env.main
+                     else f"(rank {env.rank}: rank 0 names the last good checkpoint)")
+            raise TrainingError(f"stopping on a bad image ({why}): {e}. {where}") from None
         except torch.cuda.OutOfMemoryError:
             # DALI prepares the next epoch beside the last batches of this one (its pool keeps the
             # memory after): an out-of-memory there is the boundary's, and says what to change

@@ -21,7 +21,7 @@ takes the r-th block of ``batch_size`` of every micro-batch.
 - ``drop_last=True``: ``steps = N // G``; the last ``N mod G`` files of the permutation are not
   used that epoch (a different few every epoch).
 - ``drop_last=False``: ``steps = ceil(N / G)``; the permutation is padded with its own first
-  files, so those few images are seen twice that epoch.
+  files, so up to G - 1 images are seen twice that epoch.
 Either way every image appears at most once per epoch except the pad, and every rank runs the
 same number of steps, so DDP never waits on a rank that ran out of data. The files of a step
 depend on G alone: a run resumed with the same global batch over another number of ranks (and so

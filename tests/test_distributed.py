@@ -188,6 +188,24 @@ try:
 except DataError as e:
     results["every_rank"] = (str(e), getattr(e, "from_other_rank", False))
 results["every_rank_ok"] = fd.on_every_rank(lambda: rank + 1, errors=(DataError,), what="x")
+
+def both_fail():
+    raise DataError("/data/coco.json: no such file or folder")
+try:
+    fd.on_every_rank(both_fail, errors=(DataError,), what="cannot read data.sources")
+except DataError as e:
+    results["both"] = (str(e), getattr(e, "from_other_rank", False))
+
+def interrupted():
+    raise KeyboardInterrupt
+try:
+    fd.from_rank0(interrupted, errors=(TrainingError,), what="reading the checkpoint")
+except BaseException as e:
+    results["interrupt"] = (type(e).__name__, str(e))
+try:
+    fd.on_every_rank(lambda: interrupted() if rank == 1 else 0, errors=(DataError,), what="x")
+except BaseException as e:
+    results["interrupt_every"] = (type(e).__name__, str(e))
 results["host"] = socket.gethostname()
 torch.save(results, f"{sys.argv[1]}/rank{rank}.pt")
 dist.destroy_process_group()
@@ -211,6 +229,14 @@ def test_state_and_errors_cross_from_rank0_unchanged(tmp_path):
     assert r0["every_rank"] == (f"rank 1 on {host} cannot read data.sources: /data/coco.json: no such file or folder",
                                 True)
     assert r0["every_rank_ok"] == r1["every_rank_ok"] == [1, 2]
+    # every rank failing alike: rank 0 says its own, rank 1's is marked (said once per node)
+    assert r0["both"] == ("/data/coco.json: no such file or folder", False)
+    assert r1["both"] == (f"rank 0 on {host} cannot read data.sources: /data/coco.json: no such file or folder", True)
+    # an interrupt on one rank reaches the others as a failure, not a wait in a collective
+    assert r0["interrupt"] == ("KeyboardInterrupt", "")
+    assert r1["interrupt"] == ("RankFailure", "rank 0 failed while reading the checkpoint: KeyboardInterrupt: ")
+    assert r1["interrupt_every"] == ("KeyboardInterrupt", "")
+    assert r0["interrupt_every"] == ("RankFailure", f"rank 1 on {host} x: KeyboardInterrupt: ")
 
 
 # ---- two nodes, the second with a disk of its own ----------------------------------------------------
@@ -401,3 +427,39 @@ def test_a_one_rank_run_resumes_on_two_ranks(demo32, straight_two_ranks, tmp_pat
     assert sorted(after) == [(1, 2), (1, 3)]
     for key in straight:
         assert (before.get(key) or after.get(key)) == straight[key], key
+
+
+# ---- a rank that must stop stops every rank ------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["run folder", "background write", "bad data everywhere", "bad image"])
+def test_a_failure_on_rank_0_stops_every_rank_with_one_line(demo32, tmp_path, where):
+    """Rank 0 cannot write config.toml (a folder of that name), or a checkpoint write fails in the
+    background (its temporary name is taken by a folder), or every rank fails alike (no data):
+    every rank stops at the same point, the reason said once (the other rank used to die with
+    'Connection closed by peer' and a traceback, or on NCCL hang)."""
+    out = tmp_path / "run"
+    extra, data = ["--data.batch_size=4", "--train.max_steps=6"], demo32
+    if where == "run folder":
+        (out / "config.toml").mkdir(parents=True)
+        said = f"fastemd: error: cannot write the run folder {out} (Is a directory)"
+    elif where == "background write":
+        (out / "checkpoints" / "step_00000002.pt.tmp").mkdir(parents=True)
+        extra.append("--train.ckpt_every=2")
+        said = "fastemd: error: cannot write the checkpoint of step 2 (Is a directory)"
+    elif where == "bad data everywhere":
+        data = str(tmp_path / "nope.json")
+        said = f"fastemd: error: {data}: no such file or folder"
+    else:  # one image cut short, read by one rank in its first epoch, with data.on_bad_file=stop
+        data = str(make_demo_data(tmp_path / "data", num_images=32, seed=2))
+        image = sorted((tmp_path / "data" / "train2017").iterdir())[5]
+        image.write_bytes(image.read_bytes()[:300])
+        extra.append("--data.on_bad_file=stop")
+        said = "fastemd: error: stopping on a bad image (data.on_bad_file=stop): "
+    proc = _run(_one_node(2, data, out, *extra), _env(tmp_path), timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count(said) == 1, proc.stderr[-3000:]
+    # said once; where the failing rank is not rank 0, rank 0 says that another rank stopped the run
+    others = proc.stderr.count("fastemd: error: another rank stopped the run")
+    assert proc.stderr.count("fastemd: error:") == 1 + others and others <= (where == "bad image"), proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and not re.search(r'File "[^"]*[/\\](fastemd|pipelines)[/\\]',
+                                                                      proc.stderr), proc.stderr[-3000:]

@@ -79,10 +79,11 @@ def test_the_probe_changes_nothing_of_the_run(data, tmp_path):
     a, b = rows(tmp_path / "probed"), rows(tmp_path / "plain")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 6
     assert all("probe_knn" in r for r in a) and not any("probe_knn" in r for r in b)
-    sa = load_checkpoint(list_checkpoints(tmp_path / "probed")[-1])["model"]
-    sb = load_checkpoint(list_checkpoints(tmp_path / "plain")[-1])["model"]
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
+    ca = load_checkpoint(list_checkpoints(tmp_path / "probed")[-1])
+    cb = load_checkpoint(list_checkpoints(tmp_path / "plain")[-1])
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])  # its random init drew from a generator of its own
 
 
 def test_a_run_resumed_probes_on_as_one_timeline(data, tmp_path):

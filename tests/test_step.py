@@ -106,9 +106,12 @@ def test_an_overflow_skips_lars_and_ema_and_lowers_the_scale():
 
 def test_a_nonfinite_loss_under_the_scaler_is_a_skipped_step():
     """A NaN loss with the GradScaler on: skipped and counted (not an overflow), the BatchNorm
-    statistics its forward moved are put back, and the scaler's state is ready for the next step."""
+    statistics its forward moved are put back, the scale stays where it was (a skipped step
+    changes nothing: ten in a row must not divide it by 1024), and the scaler's state is ready
+    for the next step."""
     model, optimizer = _model_and_optimizer()
-    step = TrainStep(model, optimizer, scaler=_scaler())
+    scaler = _scaler()
+    step = TrainStep(model, optimizer, scaler=scaler)
     batches = _batches(3)
     good = iter(batches)
     assert step(lambda: next(good), lr=0.5, weight_decay=0.0, tau=0.9).applied
@@ -116,6 +119,7 @@ def test_a_nonfinite_loss_under_the_scaler_is_a_skipped_step():
     v1, v2 = batches[1]
     outcome = step(lambda: (torch.full_like(v1, float("nan")), v2), lr=0.5, weight_decay=0.0, tau=0.9)
     assert outcome.skipped and not outcome.applied and not outcome.overflow
+    assert scaler.get_scale() == 2.0 ** 16
     for key, value in before.items():
         assert torch.equal(model.state_dict()[key], value), key
     assert step(lambda: batches[2], lr=0.5, weight_decay=0.0, tau=0.9).applied

@@ -528,6 +528,30 @@ def test_resume_with_another_batch_keeps_the_global_batch(demo_json, tmp_path, m
         assert straight == resumed and len(resumed) == 16
 
 
+def test_a_checkpoint_of_the_older_epoch_plan_says_so(demo_json, tmp_path):
+    """Before epochs were cut into whole global batches, data.drop_last=false with grad_accum 3 gave
+    32 images at batch 4 ceil(32 / 4) // 3 = 2 steps an epoch; now ceil(32 / 12) = 3. Such a
+    checkpoint (no global_batch key) is named for what it is, not as other data."""
+    common = ["data.batch_size=4", "train.grad_accum=3", "data.drop_last=false"]
+    result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=2", *common))
+    path = Path(result["checkpoint"])
+    state = load_checkpoint(path)
+    for key in ("global_batch", "grad_accum", "batch_size"):
+        del state[key]
+    state["steps_per_epoch"] = 2
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match=r"written by fastemd .*, whose epochs with data.drop_last=false and "
+                                            r"train.grad_accum 3 had 2 steps; this version cuts an epoch into whole "
+                                            r"global batches \(3 steps\).*resume it with that revision"):
+        train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4", "train.resume=auto", *common))
+    state["global_batch"], state["steps_per_epoch"] = 12, 5  # a checkpoint of this version, of other data
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match=r"saved with 5 steps per epoch, this run has 3 of the same global batch "
+                                            r"\(12 images from 32, data.drop_last=false\): the data or data.drop_last "
+                                            r"differ"):
+        train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4", "train.resume=auto", *common))
+
+
 def test_too_small_dataset_is_a_clear_error(demo_json, tmp_path):
     with pytest.raises(Exception, match=r"32 images"):
         train(tiny_cfg(demo_json, tmp_path, "data.batch_size=64"))

@@ -10,14 +10,15 @@ random init of the same network measured once at the start, with the same inputs
 time: the logistic regression (its fits are most of a small probe's time) and all but one split
 and two draws of views; `fastemd eval probe` after training gives the full table.
 
-The backbone is copied first: recalibrating BatchNorm must not touch the run's own statistics.
+The backbone is copied first, into a plain ResNet of the same shape: recalibrating BatchNorm must
+not touch the run's own statistics, and the run's synchronised BatchNorm (under DDP) would wait
+for ranks that do not probe.
 The other ranks wait for rank 0 at the next step's reduction; `probe_s` in metrics.jsonl is what
 each probe cost the run.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from fastemd.eval.probe import augmented_views, load_probe_data, probe_model, random_backbone
+from fastemd.model import resnet
 
 SPLIT_SEED = 0  # the same split, views and random init in every run, whatever its seed: comparable
 DRAWS = 2  # pairs of views per image for retrieval
@@ -41,10 +43,11 @@ class OnlineProbe:
     def __init__(self, data: str | Path, size: int, max_images: int, arch: str, width: int, device: torch.device,
                  batch: int = 128):
         start = time.perf_counter()
-        self.device, self.batch, self.source = device, batch, str(data)
+        self.device, self.batch, self.source, self.arch, self.width = device, batch, str(data), arch, width
         self.data = load_probe_data(data, size, max_images=max_images)
         self.views = augmented_views(self.data.images, size, SPLIT_SEED, DRAWS)
-        self.random = self._measure(random_backbone(arch, width, SPLIT_SEED))
+        with torch.random.fork_rng(devices=[]):  # seeding the random init leaves the run's generator alone
+            self.random = self._measure(random_backbone(arch, width, SPLIT_SEED))
         self.setup_s = time.perf_counter() - start
 
     def _measure(self, model: nn.Module) -> dict[str, float]:
@@ -53,7 +56,12 @@ class OnlineProbe:
 
     def __call__(self, backbone: nn.Module) -> dict[str, float]:
         start = time.perf_counter()
-        result = self._measure(copy.deepcopy(backbone))
+        # A plain copy: the run's BatchNorm statistics stay untouched, and under DDP its layers are
+        # synchronised (an all-reduce each) while rank 0 alone probes: the same names, plain layers.
+        with torch.random.fork_rng(devices=[]):  # its initial draws leave the run's generator alone
+            plain = resnet(self.arch, self.width)
+        plain.load_state_dict(backbone.state_dict())
+        result = self._measure(plain)
         return {"probe_knn": result["knn"], "probe_retrieval": result["retrieval_top1"],
                 "probe_knn_random": self.random["knn"], "probe_retrieval_random": self.random["retrieval_top1"],
                 "probe_s": time.perf_counter() - start}
