@@ -62,7 +62,10 @@ def _env(tmp_path: Path, reads: Path | None = None) -> dict:
     spy = tmp_path / "spy"
     spy.mkdir(exist_ok=True)
     (spy / "sitecustomize.py").write_text(_SPY)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(spy), os.environ.get("PYTHONPATH", "")]))
+    # (no empty entry: one would put the current folder, the checkout, on sys.path, and its source
+    # folders would shadow the installed package)
+    paths = [str(spy), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's torchrun
     env.pop("FASTEMD_TEST_READS", None)
     if reads is not None:
