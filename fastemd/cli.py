@@ -143,7 +143,8 @@ def _make_demo_data(args: argparse.Namespace, rest: list[str]) -> int:
     from fastemd.demo_data import make_demo_data
 
     try:
-        path = make_demo_data(args.dir, num_images=args.num_images, seed=args.seed, split=args.split)
+        path = make_demo_data(args.dir, num_images=args.num_images, seed=args.seed, split=args.split,
+                              scenes=args.scenes)
     except OSError as e:
         print(f"fastemd make-demo-data: error: {e}", file=sys.stderr)
         return 2
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0; the demo's held-out split uses 1)")
     demo.add_argument("--split", default="train2017", choices=["train2017", "val2017"],
                       help="COCO split name: SPLIT/*.jpg and annotations/instances_SPLIT.json (default train2017)")
+    demo.add_argument("--scenes", default="iconic", choices=["iconic", "non-iconic"],
+                      help="iconic: two to five large objects a scene (the demo preset's); non-iconic: four to nine "
+                      "at COCO's mix of sizes, occluding each other, with instance masks (default iconic)")
     demo.set_defaults(_run=_make_demo_data)
 
     # The subcommands below import their modules to build their options.

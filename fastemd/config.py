@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     # COCO json files, image folders or manifests (from `fastemd check-data`); several
-    # entries are concatenated (COCO+ = train2017 + unlabeled2017). Empty: the demo dataset.
+    # entries are concatenated (COCO+ = train2017 + unlabeled2017). Empty: the demo dataset
+    # (the demo preset); "demo" / "demo-non-iconic": its training split, of its non-iconic scenes.
     sources: list[str] = field(default_factory=list)
     loader: str = "auto"  # "dali", "torch" or "auto" (DALI when importable)
     batch_size: int = 256  # per GPU; global batch = batch_size x world size x grad_accum
@@ -126,8 +127,8 @@ class EvalConfig:
     # The online probe (fastemd/eval/online.py): `fastemd eval probe`'s kNN category probe and
     # instance retrieval on the EMA backbone, during training, against a random init.
     every: int = -1  # steps between probes (and one at the end); -1: about 10 over the run; 0: off
-    # a labelled COCO-format json of held-out images (e.g. instances_val2017.json); "": the demo's
-    # held-out split for the demo preset, off for the others
+    # a labelled COCO-format json of held-out images (e.g. instances_val2017.json), or "demo" /
+    # "demo-non-iconic" (the demo's held-out splits); "": "demo" for the demo preset, off for the others
     data: str = ""
     max_images: int = 250  # images of eval.data probed (their boxes: the objects); 0: all
     size: int = 0  # px of the probe's crops and views; 0: data.view1_size

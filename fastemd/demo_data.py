@@ -11,7 +11,9 @@ seed), which `fastemd eval probe --data demo` measures backbones on.
 laid out exactly like COCO so that every code path that reads COCO reads it too. Each scene is
 a textured background (stripes, checks, noise or a gradient) with two to five textured objects
 (ellipses, rectangles, triangles) at varied sizes; the boxes of the objects are written as
-COCO annotations.
+COCO annotations. `scenes="non-iconic"` (`make-demo-data --scenes non-iconic`) makes COCO-like
+scenes instead: four to nine objects at COCO's mix of small, medium and large, occluding each
+other, with the boxes, areas and masks (uncompressed RLE) of their visible parts.
 
 Scenes are 160 to 288 px a side, textures have periods of 8 to 32 px: the demo's 96 px views
 then see a scene at about COCO's scale (a 224 px view of a 640 x 480 image), and a texture
@@ -41,6 +43,15 @@ SCENE_SIZE = (160, 288)  # px a side, drawn per side
 PERIOD = (8, 32)  # px: stripe period, check cell; noise cells 0.7-0.6x of it
 # Written into every split's json: a cached split made by another generator is made again.
 GENERATOR = {"version": 2, "scene_size": list(SCENE_SIZE), "period": list(PERIOD)}
+
+
+KEYWORDS = {"demo": "iconic", "demo-non-iconic": "non-iconic"}  # names for the demo's splits, where a path goes
+
+
+def keyword_scenes(value: str) -> str | None:
+    """The scenes a data keyword names ('demo', 'demo-non-iconic'), or None for a path (a file or
+    folder of that name, should one exist, is a path)."""
+    return KEYWORDS.get(value) if value in KEYWORDS and not Path(value).exists() else None
 
 
 def default_cache_dir() -> Path:
@@ -103,6 +114,66 @@ def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
     return (np.clip(image, 0, 1) * 255).astype(np.uint8), objects
 
 
+# Non-iconic scenes: COCO's mix of object sizes (by area share of the image: COCO's "small" is
+# under 32^2 of a 640x480 image, 0.33%; "large" over 96^2, 3%) and several objects a scene, so
+# that two random crops of a scene often hold different objects (the paper's argument for the
+# dense EMD). Object area shares are log-uniform over AREA_SHARE; those less than
+# MIN_VISIBLE px after the objects painted over them are dropped.
+NON_ICONIC_OBJECTS = (4, 10)  # objects a scene: 4 to 9
+# an object's box area over the scene's; the visible objects then come out 27% small, 48% medium,
+# 24% large (COCO: 41/34/24; its smallest would be a few pixels in these scenes, below MIN_VISIBLE)
+AREA_SHARE = (0.001, 0.15)
+MIN_VISIBLE = 40  # px of an object left visible
+SCENES = ("iconic", "non-iconic")
+
+
+def rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed run-length encoding of a binary (H, W) mask: column-major runs,
+    starting with the count of zeros (pycocotools reads it with frPyObjects)."""
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], edges, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:  # runs start with zeros
+        counts = [0, *counts]
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def make_non_iconic_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
+    """One non-iconic (H, W, 3) uint8 scene: 4 to 9 objects of the three categories at COCO-like
+    area shares, painted in turn (later ones occlude earlier ones). Each object: its visible
+    pixels' box, area and mask (`segmentation`, uncompressed RLE)."""
+    h, w = (int(s) for s in rng.integers(SCENE_SIZE[0], SCENE_SIZE[1] + 1, size=2))
+    image = _texture(rng, h, w)
+    owner = np.zeros((h, w), np.int32)  # which object each pixel shows (0: background)
+    kinds = []
+    for index in range(1, int(rng.integers(*NON_ICONIC_OBJECTS)) + 1):
+        share = float(np.exp(rng.uniform(*np.log(AREA_SHARE))))
+        aspect = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))  # width / height of the box
+        oh = int(np.clip(round(np.sqrt(share * h * w / aspect)), 6, h - 1))
+        ow = int(np.clip(round(np.sqrt(share * h * w * aspect)), 6, w - 1))
+        y0, x0 = int(rng.integers(0, h - oh)), int(rng.integers(0, w - ow))
+        kind = int(rng.integers(1, 4))
+        mask = _shape_mask(rng, kind, oh, ow)
+        patch = _texture(rng, oh, ow)
+        region = image[y0 : y0 + oh, x0 : x0 + ow]
+        region[mask] = patch[mask]
+        owner[y0 : y0 + oh, x0 : x0 + ow][mask] = index
+        kinds.append(kind)
+    image += rng.normal(0, 0.02, image.shape)  # sensor-like noise so JPEG blocks are not flat
+    objects = []
+    for index, kind in enumerate(kinds, start=1):
+        visible = owner == index
+        area = int(visible.sum())
+        if area < MIN_VISIBLE:
+            continue
+        rows, cols = np.flatnonzero(visible.any(1)), np.flatnonzero(visible.any(0))
+        x0, y0 = int(cols[0]), int(rows[0])
+        objects.append({"bbox": [x0, y0, int(cols[-1]) - x0 + 1, int(rows[-1]) - y0 + 1], "category_id": kind,
+                        "area": float(area), "segmentation": rle(visible)})
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8), objects
+
+
 _DEMO_NAME = re.compile(r"\.?\d{12}\.jpg(\.tmp)?")  # what make_demo_data writes in the images' folder
 
 
@@ -135,8 +206,9 @@ def _not_ours(root: Path, split: str) -> str | None:
 
 
 def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, quality: int = 90,
-                   split: str = "train2017", replace: bool = False) -> Path:
+                   split: str = "train2017", replace: bool = False, scenes: str = "iconic") -> Path:
     """Write the `split` of the demo dataset under `root` and return its annotation file's path.
+    `scenes`: "iconic" (the demo's: two to five large objects) or "non-iconic" (`make_non_iconic_scene`).
 
     Files are written to temporary names and renamed, and the json last: a dataset whose json
     exists is complete. Nothing but an earlier demo is overwritten: a `root` holding other files
@@ -147,6 +219,9 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if scenes not in SCENES:
+        raise ValueError(f"scenes must be one of {', '.join(SCENES)}, got {scenes!r}")
+    scene = make_scene if scenes == "iconic" else make_non_iconic_scene
     root = Path(root)
     if not replace and (problem := _not_ours(root, split)):
         raise FileExistsError(problem)
@@ -155,7 +230,7 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
-        pixels, objects = make_scene(rng)
+        pixels, objects = scene(rng)
         name = f"{image_id:012d}.jpg"
         tmp = root / split / f".{name}.tmp"
         Image.fromarray(pixels).save(tmp, format="JPEG", quality=quality)
@@ -163,8 +238,9 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
         images.append({"id": image_id, "file_name": name, "height": pixels.shape[0], "width": pixels.shape[1]})
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
-    info = {"description": f"fastemd demo dataset (synthetic scenes), {split}", "version": "2.0", "seed": seed,
-            "generator": GENERATOR}
+    kind = "synthetic scenes" if scenes == "iconic" else "synthetic non-iconic scenes"
+    info = {"description": f"fastemd demo dataset ({kind}), {split}", "version": "2.0", "seed": seed,
+            "generator": GENERATOR if scenes == "iconic" else {**GENERATOR, "scenes": scenes}}
     data = {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
     json_path = root / "annotations" / f"instances_{split}.json"
     tmp = json_path.with_suffix(".json.tmp")
@@ -173,18 +249,21 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
     return json_path
 
 
-def ensure_demo_data(root: str | Path | None = None, split: str = "train2017") -> Path:
-    """The annotation file of the demo dataset's `split` (SPLITS), made on first use and reused after."""
-    root = Path(root) if root is not None else default_cache_dir()
+def ensure_demo_data(root: str | Path | None = None, split: str = "train2017", scenes: str = "iconic") -> Path:
+    """The annotation file of the demo dataset's `split` (SPLITS), made on first use and reused
+    after; non-iconic scenes in a cache folder of their own (`demo-coco-non-iconic`)."""
+    cache = default_cache_dir() if scenes == "iconic" else default_cache_dir().with_name(f"demo-coco-{scenes}")
+    root = Path(root) if root is not None else cache
     num_images, seed = SPLITS[split]
+    generator = GENERATOR if scenes == "iconic" else {**GENERATOR, "scenes": scenes}
     json_path = root / "annotations" / f"instances_{split}.json"
     if json_path.is_file():
         try:
             info = json.loads(json_path.read_text())
             if (len(info["images"]) == num_images and info["info"]["seed"] == seed
-                    and info["info"].get("generator") == GENERATOR):
+                    and info["info"].get("generator") == generator):
                 return json_path
         except (ValueError, KeyError, TypeError):
             pass  # a damaged or different dataset (or an earlier generator's) is made again below
     # fastemd's cache folder is fastemd's: a damaged dataset there is made again; elsewhere only a demo is
-    return make_demo_data(root, num_images=num_images, seed=seed, split=split, replace=root == default_cache_dir())
+    return make_demo_data(root, num_images=num_images, seed=seed, split=split, replace=root == cache, scenes=scenes)

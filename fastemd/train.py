@@ -151,12 +151,14 @@ def resolve_data(cfg: Config, env: Env) -> list[str]:
     if not sources and cfg.preset != "demo":  # an empty $DATA must not train on synthetic scenes
         raise TrainingError(f"data.sources is empty (preset {cfg.preset}): name COCO json files, image folders or "
                             "manifests, e.g. --data.sources=coco_train.txt; only the demo preset uses the demo dataset")
-    if not sources:
-        from fastemd.demo_data import ensure_demo_data
+    from fastemd.demo_data import ensure_demo_data, keyword_scenes
 
+    sources = sources or ["demo"]
+    demo = [keyword_scenes(str(source)) for source in sources]  # 'demo', 'demo-non-iconic': the demo's splits
+    if any(demo):
         # rank 0 makes the demo data first; the others then read it (or, on a node of its own, make it)
-        from_rank0(ensure_demo_data, errors=AGREED, what="making the demo data")
-        sources = [ensure_demo_data()]
+        from_rank0(lambda: [ensure_demo_data(scenes=k) for k in demo if k], errors=AGREED, what="making the demo data")
+        sources = [ensure_demo_data(scenes=k) if k else source for source, k in zip(sources, demo)]
     files: list[str] = []
 
     def read() -> tuple[str, int, str]:
@@ -934,7 +936,11 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             say(f"  online probe: {_probe_summary(probes, now() - run_start)}")
         if result.get("backbone") or last_ckpt:
             # A falling loss is no evidence of learning (SPEC 7): the probe measures the backbone.
-            data = "demo" if not cfg.data.sources else "LABELLED_VAL.json (e.g. instances_val2017.json)"
+            from fastemd.demo_data import keyword_scenes
+
+            named = [s for s in cfg.data.sources if keyword_scenes(s)]
+            data = ("demo" if not cfg.data.sources else named[0] if named
+                    else "LABELLED_VAL.json (e.g. instances_val2017.json)")
             say(f"  is it better than random init? fastemd eval probe {result.get('backbone', last_ckpt)} "
                 f"--data {data}{'' if cfg.data.view1_size == 96 else f' --size {cfg.data.view1_size}'}")
     return result

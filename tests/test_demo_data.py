@@ -91,3 +91,69 @@ def test_make_demo_data_writes_the_held_out_split(tmp_path, capsys):
     assert (tmp_path / "annotations" / "instances_val2017.json").is_file()
     assert len(list((tmp_path / "val2017").glob("*.jpg"))) == 2 and not (tmp_path / "train2017").exists()
     assert "wrote 2 images" in capsys.readouterr().out
+
+
+def test_rle_is_cocos_run_length_encoding():
+    """demo_data.rle against pycocotools' own encoder (decoded back: the same mask, pixel for pixel)."""
+    import numpy as np
+
+    from fastemd.demo_data import rle
+
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(0)
+    for shape in [(7, 5), (31, 17), (1, 1), (4, 4)]:
+        for fill in (0.0, 0.3, 1.0):
+            mask = rng.uniform(size=shape) < fill
+            ours = mask_api.frPyObjects(rle(mask), *shape)
+            assert np.array_equal(mask_api.decode(ours), mask.astype(np.uint8)), (shape, fill)
+            theirs = mask_api.encode(np.asfortranarray(mask.astype(np.uint8)))
+            assert mask_api.area(ours) == mask_api.area(theirs) == mask.sum()
+
+
+def test_non_iconic_scenes_are_coco_with_visible_masks_and_boxes(tmp_path):
+    """`make-demo-data --scenes non-iconic`: four to nine objects a scene, every annotation's box,
+    area and mask describe the same visible pixels (checked with pycocotools), COCO's mix of
+    small, medium and large objects by area, and deterministic for a seed."""
+    import numpy as np
+
+    mask_api = pytest.importorskip("pycocotools.mask")
+    coco_api = pytest.importorskip("pycocotools.coco")
+    root = tmp_path / "ni"
+    assert main(["make-demo-data", str(root), "--num-images", "40", "--seed", "5", "--scenes", "non-iconic"]) == 0
+    coco = coco_api.COCO(str(root / "annotations" / "instances_train2017.json"))
+    per_image = [len(coco.getAnnIds(imgIds=i)) for i in coco.getImgIds()]
+    assert len(per_image) == 40 and min(per_image) >= 2 and max(per_image) <= 9 and np.mean(per_image) > 4.5
+    shares = []
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        info = coco.loadImgs(ann["image_id"])[0]
+        mask = coco.annToMask(ann)  # pycocotools' reading of the RLE
+        assert mask.shape == (info["height"], info["width"]) and mask.sum() == ann["area"] >= 40
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        assert ann["bbox"] == [cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1]
+        assert np.allclose(mask_api.toBbox(mask_api.frPyObjects(ann["segmentation"], *mask.shape)), ann["bbox"])
+        shares.append(ann["area"] / (info["height"] * info["width"]))
+    shares = np.array(shares)
+    small, large = (shares < 32 ** 2 / (640 * 480)).mean(), (shares >= 96 ** 2 / (640 * 480)).mean()
+    assert 0.1 < small < 0.5 and 0.1 < large < 0.4, (small, large)  # COCO: 0.41 and 0.24
+    # objects of one image do not share pixels (occluded parts belong to the object in front)
+    for image_id in coco.getImgIds()[:10]:
+        masks = [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+        assert np.stack(masks).sum(0).max() == 1
+    again = tmp_path / "again"
+    assert main(["make-demo-data", str(again), "--num-images", "40", "--seed", "5", "--scenes", "non-iconic"]) == 0
+    assert _digest(root) == _digest(again)
+    assert (root / "annotations" / "instances_train2017.json").read_text() == (
+        again / "annotations" / "instances_train2017.json").read_text()
+
+
+def test_the_non_iconic_demo_has_a_cache_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path))
+    import fastemd.demo_data as demo_data
+
+    monkeypatch.setattr(demo_data, "SPLITS", {"train2017": (6, 0), "val2017": (4, 1)})
+    iconic = ensure_demo_data()
+    other = ensure_demo_data(scenes="non-iconic", split="val2017")
+    assert iconic.parent.parent.name == "demo-coco" and other.parent.parent.name == "demo-coco-non-iconic"
+    info = json.loads(other.read_text())
+    assert len(info["images"]) == 4 and info["info"]["generator"]["scenes"] == "non-iconic"
+    assert ensure_demo_data(scenes="non-iconic", split="val2017") == other  # reused

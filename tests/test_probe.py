@@ -304,3 +304,54 @@ def test_learning_table_bad_arguments_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "t").exists()  # a bad override is found before anything is written
+
+
+def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
+    """Against scipy: the mean of a - b and the 95% interval of a paired t test, for 2 to 40 seeds."""
+    import numpy as np
+
+    from fastemd.eval.table import paired_difference
+
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 8, 12, 20, 40):
+        a, b = rng.normal(0.5, 0.05, n), rng.normal(0.48, 0.05, n)
+        d = a - b
+        got = paired_difference(list(a), list(b))
+        low, high = stats.t.interval(0.95, n - 1, loc=d.mean(), scale=stats.sem(d))
+        assert got["mean"] == pytest.approx(d.mean())
+        tolerance = 2e-3 if n <= 21 else 0.02 * (high - low)  # tabulated t: exact to 3 decimals up to 20 df
+        assert got["low"] == pytest.approx(low, abs=tolerance) and got["high"] == pytest.approx(high, abs=tolerance)
+        assert got["values"] == pytest.approx(list(d))
+    one = paired_difference([0.5], [0.4])
+    assert one["mean"] == pytest.approx(0.1) and one["low"] is None
+
+
+def test_learning_table_on_non_iconic_scenes_reports_paired_differences(tmp_path, monkeypatch):
+    """`--scenes non-iconic --no-control` over 2 seeds: the runs train and are probed on the
+    non-iconic scenes, the table gives every seed's value and the paired differences, which are
+    the differences of those per-seed values."""
+    from fastemd import demo_data
+
+    monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(demo_data.SPLITS, "train2017", (16, 0))
+    monkeypatch.setitem(demo_data.SPLITS, "val2017", (6, 1))
+    tiny = ["model.width=8", "model.proj_hidden=32", "model.proj_dim=16", "model.pred_hidden=32", "data.batch_size=8",
+            "data.view1_size=64", "data.view2_size=64", "data.workers=0", "data.loader=torch", "train.max_steps=2",
+            "eval.every=0"]
+    out = tmp_path / "table"
+    assert main(["eval", "table", "--out", str(out), "--seeds", "0,1", "--splits", "2", "--no-control",
+                 "--scenes", "non-iconic", *tiny]) == 0
+    result = json.loads((out / "table.json").read_text())
+    assert result["scenes"] == "non-iconic" and "supervised control (object categories)" not in result["rows"]
+    config = (out / "selfemd_seed1" / "config.toml").read_text()
+    assert 'sources = ["demo-non-iconic"]' in config
+    assert (tmp_path / "cache" / "demo-coco-non-iconic" / "train2017").is_dir()
+    rows, diffs = result["rows"], result["differences"]
+    for metric in ("logistic", "knn", "retrieval_top1"):
+        a = rows["Self-EMD (dense + global)"][metric]["values"]
+        b = rows["global only (BYOL, loss.dense_weight=0)"][metric]["values"]
+        assert len(a) == 2 and diffs["Self-EMD minus BYOL"][metric]["values"] == pytest.approx([x - y for x, y in zip(a, b)])
+        assert diffs["Self-EMD minus BYOL"][metric]["low"] <= diffs["Self-EMD minus BYOL"][metric]["high"]
+    text = (out / "table.md").read_text()
+    assert "Per seed (0, 1):" in text and "| Self-EMD minus BYOL |" in text

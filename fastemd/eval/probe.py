@@ -172,12 +172,15 @@ class ProbeData:
 
 
 def resolve_probe_data(data: str) -> Path:
-    """`demo`: the demo dataset's held-out split (made on first use); else a COCO json path."""
-    if data == "demo":
+    """`demo` (`demo-non-iconic`): the held-out split of the demo dataset (of its non-iconic
+    scenes), made on first use; else a COCO json path."""
+    from fastemd.demo_data import keyword_scenes
+
+    if scenes := keyword_scenes(data):
         from fastemd.demo_data import default_cache_dir, ensure_demo_data
 
         try:
-            return ensure_demo_data(split="val2017")
+            return ensure_demo_data(split="val2017", scenes=scenes)
         except OSError as e:
             raise ProbeError(f"cannot write the demo dataset under {default_cache_dir()} ({e.strerror or e}); "
                              "set FASTEMD_CACHE to a writable folder") from None
@@ -512,7 +515,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "ResNet state dict (OUT/backbone_torchvision.pth, `fastemd export --format torchvision`)")
     parser.add_argument("--data", required=True, metavar="ANNOTATIONS.json",
                         help="a labelled COCO-format json (images beside it as in COCO, or ANN.json::IMAGE_DIR); "
-                        "'demo': the demo dataset's held-out split")
+                        "'demo': the demo dataset's held-out split ('demo-non-iconic': of its non-iconic scenes)")
     parser.add_argument("--network", default=None, choices=["online", "target"],
                         help="for a training checkpoint: which backbone (default online)")
     parser.add_argument("--size", type=_int_at_least(32, "the network's stride; 64 and up give C5 maps beyond 1x1"),

@@ -1,14 +1,20 @@
 """`fastemd eval table`: the learning table of BENCHMARKS.md, reproduced by one command.
 
     fastemd eval table --out runs/learning_table --seeds 0,1,2
+    fastemd eval table --scenes non-iconic --seeds 0,1,2,3,4 --no-control --out runs/non_iconic_table
 
 For every seed: `fastemd train --preset demo` as README command 1 runs it (Self-EMD, dense +
 global), the same with the global branch off (`loss.global_weight=0`: dense EMD only) and with
 the dense term off (`loss.dense_weight=0`: plain BYOL), and a supervised control (the same
 backbone and a linear head trained on the object categories of the demo's training split, box
-crops); then `fastemd eval probe` of each on the demo's held-out split. The random-init row is
-the probe's own baseline (the same splits and random inits for every row). Mean and spread
-(standard deviation) over the training seeds of each seed's mean over the probe's splits.
+crops; `--no-control` leaves it out); then `fastemd eval probe` of each on the held-out split of
+the same scenes (`--scenes`: the demo's iconic ones, or its non-iconic ones: several objects a
+scene at COCO's mix of sizes, where two crops often hold different objects). The random-init
+row is the probe's own baseline (the same splits and random inits for every row). Mean and
+spread (standard deviation) over the training seeds of each seed's mean over the probe's splits;
+every seed's value; and the paired per-seed differences Self-EMD minus BYOL and Self-EMD minus
+dense only, with a 95% t interval over the seeds (the seeds pair the runs: same initial
+weights, same images in the same order).
 
 It takes about (3 runs of the demo + 1 control + 4 probes) per seed: over half an hour for
 three seeds on a 2-core CPU. Logs and every probe's JSON go to OUT; the table to OUT/table.md
@@ -77,6 +83,28 @@ def train_supervised_control(train_json: str | Path, arch: str, width: int, size
     return backbone
 
 
+# 97.5% quantiles of Student's t by degrees of freedom (a 95% two-sided interval)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        25: 2.060, 30: 2.042}
+DIFFERENCES = {  # the paired comparisons the table reports: (minuend row, subtrahend row)
+    "Self-EMD minus BYOL": ("Self-EMD (dense + global)", "global only (BYOL, loss.dense_weight=0)"),
+    "Self-EMD minus dense only": ("Self-EMD (dense + global)", "dense only (EMD, loss.global_weight=0)"),
+}
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Mean of the per-seed differences a - b and its 95% t interval (none for one seed)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    out = {"mean": float(d.mean()), "values": [float(v) for v in d], "low": None, "high": None}
+    if len(d) > 1:
+        df = len(d) - 1
+        t = T975.get(df) or next((T975[k] for k in sorted(T975, reverse=True) if k <= df), 1.96)
+        half = t * d.std(ddof=1) / np.sqrt(len(d))
+        out.update(low=float(d.mean() - half), high=float(d.mean() + half))
+    return out
+
+
 def _summarise(per_seed: list[dict], who: str) -> dict:
     """Mean and spread over seeds of each metric's mean over the probe's splits."""
     out = {}
@@ -87,7 +115,7 @@ def _summarise(per_seed: list[dict], who: str) -> dict:
     return out
 
 
-def format_table(rows: dict[str, dict], seeds: list[int]) -> str:
+def format_table(rows: dict[str, dict], seeds: list[int], differences: dict[str, dict] | None = None) -> str:
     from fastemd.eval.probe import METRICS
 
     head = "| backbone | " + " | ".join(METRICS.values()) + " |"
@@ -97,6 +125,20 @@ def format_table(rows: dict[str, dict], seeds: list[int]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(f"\nmean ± standard deviation over training seeds {', '.join(map(str, seeds))} (each: the mean "
                  "over the probe's splits); the random-init row: over the probe's splits, each with its own init.")
+    lines += ["", "Per seed (" + ", ".join(map(str, seeds)) + "):", "", head, lines[1]]
+    for name, metrics in rows.items():
+        cells = [", ".join(f"{v:.3f}" for v in metrics[k]["values"]) for k in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if differences:
+        lines += ["", "Paired per-seed differences (mean [95% t interval over the seeds]; per seed):", "",
+                  "| difference | " + " | ".join(METRICS.values()) + " |", lines[1]]
+        for name, metrics in differences.items():
+            cells = []
+            for k in METRICS:
+                d = metrics[k]
+                ci = "" if d["low"] is None else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
+                cells.append(f"{d['mean']:+.3f}{ci}; " + ", ".join(f"{v:+.3f}" for v in d["values"]))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -109,6 +151,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", type=positive_int, default=3, help="probe splits per backbone (default 3)")
     parser.add_argument("--control-epochs", type=positive_int, default=30,
                         help="epochs of the supervised control (default 30)")
+    parser.add_argument("--no-control", action="store_true", help="leave the supervised control out")
+    parser.add_argument("--scenes", default="iconic", choices=["iconic", "non-iconic"],
+                        help="the demo's scenes to train and probe on (default iconic, README command 1's; "
+                        "non-iconic: several objects a scene at COCO's mix of sizes)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="extra overrides of the demo preset for every run (e.g. train.epochs=10 for a quick look)")
 
@@ -134,21 +180,22 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return fail(f"--out {out}: {'is not a folder' if not out.is_dir() else 'is not empty (an earlier table)'}; "
                     "pass a new folder")
+    keyword = "demo" if args.scenes == "iconic" else f"demo-{args.scenes}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe_data = load_probe_data(resolve_probe_data("demo"), base.data.view1_size)
+        probe_data = load_probe_data(resolve_probe_data(keyword), base.data.view1_size)
     except OSError as e:
         return fail(f"--out {out}: {e.strerror or e}")
     except ProbeError as e:
         return fail(str(e))
-    per_seed: dict[str, list[dict]] = {name: [] for name in [*VARIANTS, SUPERVISED]}
+    per_seed: dict[str, list[dict]] = {name: [] for name in [*VARIANTS, *([] if args.no_control else [SUPERVISED])]}
     started = time.perf_counter()
     for seed in seeds:
         for name, overrides in VARIANTS.items():
             slug = name.split(" (")[0].replace(" ", "_").replace("-", "").lower()
             run_dir = out / f"{slug}_seed{seed}"
-            cfg = resolve("demo", None, [*args.overrides, *overrides, f"train.seed={seed}",
-                                         f"train.out_dir={run_dir}", "log.dashboard=plain"])
+            cfg = resolve("demo", None, [f"data.sources={keyword}", f"eval.data={keyword}", *args.overrides, *overrides,
+                                         f"train.seed={seed}", f"train.out_dir={run_dir}", "log.dashboard=plain"])
             print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: training {name} -> {run_dir}", flush=True)
             try:
                 with open(out / f"{slug}_seed{seed}.log", "w") as log, contextlib.redirect_stdout(log):
@@ -161,21 +208,26 @@ def run(args: argparse.Namespace) -> int:
                 return 128 + result["signal"]
             backbone = load_backbone(result["backbone"])
             per_seed[name].append(run_probe(backbone, probe_data, args.splits, size=base.data.view1_size))
+        if args.no_control:
+            continue
         print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: training the supervised control", flush=True)
-        control = train_supervised_control(ensure_demo_data(), base.model.arch, base.model.width,
+        control = train_supervised_control(ensure_demo_data(scenes=args.scenes), base.model.arch, base.model.width,
                                            base.data.view1_size, seed, epochs=args.control_epochs)
         torch.save(control.state_dict(), out / f"supervised_seed{seed}.pth")
         backbone = load_backbone(str(out / f"supervised_seed{seed}.pth"))
         per_seed[SUPERVISED].append(run_probe(backbone, probe_data, args.splits, size=base.data.view1_size))
     # Every probe measures the same random inits on the same splits: one row, spread over its splits.
+    first = next(iter(per_seed.values()))[0]
     rows = {RANDOM: {name: {k: m["random"][k] for k in ("mean", "std", "values")}
-                     for name, m in per_seed[SUPERVISED][0]["metrics"].items()}}
+                     for name, m in first["metrics"].items()}}
     rows.update({name: _summarise(results, "backbone") for name, results in per_seed.items()})
-    table = format_table(rows, seeds)
+    differences = {name: {k: paired_difference(rows[a][k]["values"], rows[b][k]["values"]) for k in rows[a]}
+                   for name, (a, b) in DIFFERENCES.items()}
+    table = format_table(rows, seeds, differences)
     (out / "table.md").write_text(table + "\n")
-    (out / "table.json").write_text(json.dumps({"seeds": seeds, "overrides": list(args.overrides), "rows": rows,
-                                                "probes": per_seed, "seconds": round(time.perf_counter() - started)},
-                                               indent=1) + "\n")
+    (out / "table.json").write_text(json.dumps({"seeds": seeds, "scenes": args.scenes, "overrides": list(args.overrides),
+                                                "rows": rows, "differences": differences, "probes": per_seed,
+                                                "seconds": round(time.perf_counter() - started)}, indent=1) + "\n")
     print(table)
     print(f"({time.perf_counter() - started:.0f} s; {out / 'table.md'}, {out / 'table.json'})")
     return 0
