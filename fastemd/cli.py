@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--split", default="train2017", choices=["train2017", "val2017"],
                       help="COCO split name: SPLIT/*.jpg and annotations/instances_SPLIT.json (default train2017)")
     demo.add_argument("--scenes", default="iconic", choices=["iconic", "non-iconic"],
-                      help="iconic: two to five large objects a scene (the demo preset's); non-iconic: four to nine "
+                      help="iconic: two to five large objects a scene (the demo preset's); non-iconic: four to nine drawn "
                       "at COCO's mix of sizes, occluding each other, with instance masks (default iconic)")
     demo.set_defaults(_run=_make_demo_data)
 

@@ -126,9 +126,10 @@ class LogConfig:
 class EvalConfig:
     # The online probe (fastemd/eval/online.py): `fastemd eval probe`'s kNN category probe and
     # instance retrieval on the EMA backbone, during training, against a random init.
-    every: int = -1  # steps between probes (and one at the end); -1: about 10 over the run; 0: off
+    every: int = -1  # steps between probes (and one at the end); -1: a tenth of the schedule's steps; 0: off
     # a labelled COCO-format json of held-out images (e.g. instances_val2017.json), or "demo" /
-    # "demo-non-iconic" (the demo's held-out splits); "": "demo" for the demo preset, off for the others
+    # "demo-non-iconic" (the demo's held-out splits); "": the held-out split of the demo data being
+    # trained on (the demo preset: "demo"), off for other data
     data: str = ""
     max_images: int = 250  # images of eval.data probed (their boxes: the objects); 0: all
     size: int = 0  # px of the probe's crops and views; 0: data.view1_size

@@ -12,8 +12,9 @@ laid out exactly like COCO so that every code path that reads COCO reads it too.
 a textured background (stripes, checks, noise or a gradient) with two to five textured objects
 (ellipses, rectangles, triangles) at varied sizes; the boxes of the objects are written as
 COCO annotations. `scenes="non-iconic"` (`make-demo-data --scenes non-iconic`) makes COCO-like
-scenes instead: four to nine objects at COCO's mix of small, medium and large, occluding each
-other, with the boxes, areas and masks (uncompressed RLE) of their visible parts.
+scenes instead: four to nine objects drawn at COCO's mix of small, medium and large, occluding
+each other (about six stay visible enough to be labelled), with the boxes, areas and masks
+(uncompressed RLE) of their visible parts.
 
 Scenes are 160 to 288 px a side, textures have periods of 8 to 32 px: the demo's 96 px views
 then see a scene at about COCO's scale (a 224 px view of a 640 x 480 image), and a texture
@@ -49,9 +50,14 @@ KEYWORDS = {"demo": "iconic", "demo-non-iconic": "non-iconic"}  # names for the 
 
 
 def keyword_scenes(value: str) -> str | None:
-    """The scenes a data keyword names ('demo', 'demo-non-iconic'), or None for a path (a file or
-    folder of that name, should one exist, is a path)."""
-    return KEYWORDS.get(value) if value in KEYWORDS and not Path(value).exists() else None
+    """The scenes a data keyword names ('demo', 'demo-non-iconic'), or None for a path (a folder
+    of that name is `./demo`)."""
+    return KEYWORDS.get(str(value))
+
+
+def cache_dir(scenes: str = "iconic") -> Path:
+    """The folder the demo's splits of `scenes` are made in on first use."""
+    return default_cache_dir() if scenes == "iconic" else default_cache_dir().with_name(f"demo-coco-{scenes}")
 
 
 def default_cache_dir() -> Path:
@@ -137,6 +143,14 @@ def rle(mask: np.ndarray) -> dict:
     if flat.size and flat[0] == 1:  # runs start with zeros
         counts = [0, *counts]
     return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def _generator(scenes: str) -> dict:
+    """What made a split (written into its json): a cached split of other settings is made again."""
+    if scenes == "iconic":
+        return GENERATOR
+    return {**GENERATOR, "scenes": scenes, "objects": list(NON_ICONIC_OBJECTS), "area_share": list(AREA_SHARE),
+            "min_visible": MIN_VISIBLE}
 
 
 def make_non_iconic_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
@@ -240,7 +254,7 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
     kind = "synthetic scenes" if scenes == "iconic" else "synthetic non-iconic scenes"
     info = {"description": f"fastemd demo dataset ({kind}), {split}", "version": "2.0", "seed": seed,
-            "generator": GENERATOR if scenes == "iconic" else {**GENERATOR, "scenes": scenes}}
+            "generator": _generator(scenes)}
     data = {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
     json_path = root / "annotations" / f"instances_{split}.json"
     tmp = json_path.with_suffix(".json.tmp")
@@ -252,10 +266,10 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
 def ensure_demo_data(root: str | Path | None = None, split: str = "train2017", scenes: str = "iconic") -> Path:
     """The annotation file of the demo dataset's `split` (SPLITS), made on first use and reused
     after; non-iconic scenes in a cache folder of their own (`demo-coco-non-iconic`)."""
-    cache = default_cache_dir() if scenes == "iconic" else default_cache_dir().with_name(f"demo-coco-{scenes}")
+    cache = cache_dir(scenes)
     root = Path(root) if root is not None else cache
     num_images, seed = SPLITS[split]
-    generator = GENERATOR if scenes == "iconic" else {**GENERATOR, "scenes": scenes}
+    generator = _generator(scenes)
     json_path = root / "annotations" / f"instances_{split}.json"
     if json_path.is_file():
         try:

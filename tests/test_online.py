@@ -132,3 +132,22 @@ def test_without_a_held_out_set_the_probe_is_off_and_says_how_to_turn_it_on(data
     with pytest.raises(TrainingError, match="eval.data"):
         train(resolve("demo", None, [*TINY, f"data.sources={data['train']}", f"train.out_dir={tmp_path / 'x'}",
                                      "eval.data=/nonexistent.json", "train.max_steps=1"]))
+
+
+def test_the_demo_keyword_is_the_demo_even_beside_a_folder_of_that_name(data, tmp_path, monkeypatch, capsys):
+    """A folder `demo` in the working folder (`fastemd make-demo-data demo` makes one) does not take
+    over the keyword: the demo preset trains on its own data and probes its held-out split (a folder
+    of that name is `./demo`)."""
+    from fastemd import demo_data
+
+    monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(demo_data.SPLITS, "train2017", (16, 0))
+    monkeypatch.setitem(demo_data.SPLITS, "val2017", (6, 1))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    overrides = [o for o in TINY if not o.startswith("data.batch_size")]
+    train(resolve("demo", None, [*overrides, "data.batch_size=4", f"train.out_dir={tmp_path / 'run'}",
+                                 "train.max_steps=2"]))
+    said = capsys.readouterr().out
+    assert "16 images" in said and str(tmp_path / "cache" / "demo-coco" / "annotations") in said
+    assert [r["step"] for r in rows(tmp_path / "run") if "probe_knn" in r] == [2]

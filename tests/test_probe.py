@@ -299,6 +299,7 @@ def test_learning_table_bad_arguments_are_one_line_errors(tmp_path, capsys):
                           (["--out", str(tmp_path / "file" / "sub")], "Not a directory"),
                           (["--seeds", ","], "--seeds must be integers"),
                           (["--seeds", "a,b"], "--seeds must be integers"),
+                          (["--seeds", "0,1,0"], "--seeds names a seed twice"),
                           (["--out", str(tmp_path / "t"), "loss.gama=1"], "unknown config key 'loss.gama'")):
         assert main(["eval", "table", *argv]) == 2
         err = capsys.readouterr().err
@@ -354,4 +355,4 @@ def test_learning_table_on_non_iconic_scenes_reports_paired_differences(tmp_path
         assert len(a) == 2 and diffs["Self-EMD minus BYOL"][metric]["values"] == pytest.approx([x - y for x, y in zip(a, b)])
         assert diffs["Self-EMD minus BYOL"][metric]["low"] <= diffs["Self-EMD minus BYOL"][metric]["high"]
     text = (out / "table.md").read_text()
-    assert "Per seed (0, 1):" in text and "| Self-EMD minus BYOL |" in text
+    assert "Per seed (0, 1; the random-init row: per probe split):" in text and "| Self-EMD minus BYOL |" in text

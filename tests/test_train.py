@@ -637,7 +637,8 @@ def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
     # train.ckpt_minutes ~0: a wall-clock checkpoint due at every step, by rank 0's clock; every
     # rank must join its gather at the same steps (they agree in the step's reduction), or it hangs
     overrides = [*TINY, f"data.sources={demo_json}", f"train.out_dir={tmp_path / 'run'}",
-                 "train.max_steps=3", "data.batch_size=4", "train.ckpt_minutes=1e-9", "train.keep_last=5"]
+                 "train.max_steps=3", "data.batch_size=4", "train.ckpt_minutes=1e-9", "train.keep_last=5",
+                 f"eval.data={demo_json}", "eval.max_images=8"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            str(script), *overrides, str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -670,6 +671,10 @@ def test_ddp_two_gloo_ranks_stay_in_sync(demo_json, tmp_path):
     assert [load_checkpoint(p)["step"] for p in saved] == [1, 2, 3]
     assert all(len(load_checkpoint(p)["data"]) == 2 for p in saved)
     assert proc.stdout.count("fastemd: finished") == 1  # rank 0 alone prints
+    # the online probe (at the end) ran on rank 0 while rank 1 waited: its copy of
+    # the EMA backbone has plain BatchNorm (the run's synchronised layers would wait for rank 1)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "probe_knn" in r] == [3]
 
 
 def test_ddp_resume_with_dali_restores_each_ranks_pipeline(demo_json, tmp_path):

@@ -122,7 +122,7 @@ class DetectionSet:
 def resolve_data(value: str, split: str) -> Path:
     """`demo` (`demo-non-iconic`): the demo dataset's `split` (of its non-iconic scenes), made on
     first use; else the path given."""
-    from fastemd.demo_data import default_cache_dir, ensure_demo_data, keyword_scenes
+    from fastemd.demo_data import cache_dir, ensure_demo_data, keyword_scenes
 
     scenes = keyword_scenes(value)
     if scenes is None:
@@ -130,7 +130,7 @@ def resolve_data(value: str, split: str) -> Path:
     try:
         return ensure_demo_data(split=split, scenes=scenes)
     except OSError as e:
-        raise DetectError(f"cannot write the demo dataset under {default_cache_dir()} ({e.strerror or e}); "
+        raise DetectError(f"cannot write the demo dataset under {cache_dir(scenes)} ({e.strerror or e}); "
                           "set FASTEMD_CACHE to a writable folder") from None
 
 

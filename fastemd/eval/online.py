@@ -46,7 +46,9 @@ class OnlineProbe:
         self.device, self.batch, self.source, self.arch, self.width = device, batch, str(data), arch, width
         self.data = load_probe_data(data, size, max_images=max_images)
         self.views = augmented_views(self.data.images, size, SPLIT_SEED, DRAWS)
-        with torch.random.fork_rng(devices=[]):  # seeding the random init leaves the run's generator alone
+        # seeding the random init leaves the run's generators alone (manual_seed seeds the GPUs too)
+        self.rng_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=self.rng_devices):
             self.random = self._measure(random_backbone(arch, width, SPLIT_SEED))
         self.setup_s = time.perf_counter() - start
 
@@ -58,7 +60,7 @@ class OnlineProbe:
         start = time.perf_counter()
         # A plain copy: the run's BatchNorm statistics stay untouched, and under DDP its layers are
         # synchronised (an all-reduce each) while rank 0 alone probes: the same names, plain layers.
-        with torch.random.fork_rng(devices=[]):  # its initial draws leave the run's generator alone
+        with torch.random.fork_rng(devices=self.rng_devices):  # its initial draws leave the run's generators alone
             plain = resnet(self.arch, self.width)
         plain.load_state_dict(backbone.state_dict())
         result = self._measure(plain)

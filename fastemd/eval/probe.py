@@ -177,12 +177,12 @@ def resolve_probe_data(data: str) -> Path:
     from fastemd.demo_data import keyword_scenes
 
     if scenes := keyword_scenes(data):
-        from fastemd.demo_data import default_cache_dir, ensure_demo_data
+        from fastemd.demo_data import cache_dir, ensure_demo_data
 
         try:
             return ensure_demo_data(split="val2017", scenes=scenes)
         except OSError as e:
-            raise ProbeError(f"cannot write the demo dataset under {default_cache_dir()} ({e.strerror or e}); "
+            raise ProbeError(f"cannot write the demo dataset under {cache_dir(scenes)} ({e.strerror or e}); "
                              "set FASTEMD_CACHE to a writable folder") from None
     return Path(data)
 

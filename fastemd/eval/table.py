@@ -121,11 +121,14 @@ def format_table(rows: dict[str, dict], seeds: list[int], differences: dict[str,
     head = "| backbone | " + " | ".join(METRICS.values()) + " |"
     lines = [head, "|---|" + "---:|" * len(METRICS)]
     for name, metrics in rows.items():
-        cells = [f"{metrics[k]['mean']:.3f} ± {metrics[k]['std']:.3f}" for k in METRICS]
+        spread = name == RANDOM or len(seeds) > 1  # one seed has no spread over seeds
+        cells = [f"{metrics[k]['mean']:.3f} ± {metrics[k]['std']:.3f}" if spread else f"{metrics[k]['mean']:.3f}"
+                 for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(f"\nmean ± standard deviation over training seeds {', '.join(map(str, seeds))} (each: the mean "
                  "over the probe's splits); the random-init row: over the probe's splits, each with its own init.")
-    lines += ["", "Per seed (" + ", ".join(map(str, seeds)) + "):", "", head, lines[1]]
+    lines += ["", "Per seed (" + ", ".join(map(str, seeds)) + "; the random-init row: per probe split):", "", head,
+              lines[1]]
     for name, metrics in rows.items():
         cells = [", ".join(f"{v:.3f}" for v in metrics[k]["values"]) for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -175,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         seeds = []
     if not seeds:
         return fail(f"--seeds must be integers separated by commas, got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):  # one run folder a seed; a seed twice would count one run twice
+        return fail(f"--seeds names a seed twice ({args.seeds}); each seed once")
     base = resolve("demo", None, list(args.overrides))  # validated before anything is written
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -182,12 +187,13 @@ def run(args: argparse.Namespace) -> int:
                     "pass a new folder")
     keyword = "demo" if args.scenes == "iconic" else f"demo-{args.scenes}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe_data = load_probe_data(resolve_probe_data(keyword), base.data.view1_size)
-    except OSError as e:
-        return fail(f"--out {out}: {e.strerror or e}")
     except ProbeError as e:
         return fail(str(e))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return fail(f"--out {out}: {e.strerror or e}")
     per_seed: dict[str, list[dict]] = {name: [] for name in [*VARIANTS, *([] if args.no_control else [SUPERVISED])]}
     started = time.perf_counter()
     for seed in seeds:
