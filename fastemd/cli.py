@@ -20,7 +20,7 @@ import importlib
 import sys
 
 from fastemd import __version__
-from fastemd.config import PRESETS, ConfigError, resolve, valid_keys
+from fastemd.config import PRESETS, SEED_MAX, ConfigError, resolve, valid_keys
 
 _TRAIN_EPILOG = """\
 config overrides (strict: an unknown key or a wrong type is an error):
@@ -96,20 +96,26 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     return train_main(cfg)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+def int_in(low: int, high: int):
+    """argparse type: an integer from `low` to `high` (every integer option has a range: a value
+    that numpy, torch or memory cannot take is a one-line error, not a traceback later)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text}")
+        return value
+
+    parse.__name__ = f"integer from {low} to {high}"  # argparse names the type in its messages
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    """argparse type: an int >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+OPTION_MAX = 10**9  # counts and sizes that have no tighter bound of their own
+positive_int = int_in(1, OPTION_MAX)
+nonneg_int = int_in(0, OPTION_MAX)
+seed_int = int_in(0, SEED_MAX)  # what numpy's and torch's seeding both take
 
 
 def positive_float(text: str) -> float:
@@ -134,8 +140,8 @@ def positive_int_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}")
+    if not values or min(values) < 1 or max(values) > OPTION_MAX:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers from 1 to {OPTION_MAX}, got {text!r}")
     return values
 
 
@@ -208,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         "annotations/instances_train2017.json, or another --split), deterministic for a seed.",
     )
     demo.add_argument("dir", help="output folder (created if missing)")
-    demo.add_argument("--num-images", type=positive_int, default=1024, help="number of images (default 1024)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0; the demo's held-out split uses 1)")
+    demo.add_argument("--num-images", type=int_in(1, 10**6), default=1024, help="number of images (default 1024)")
+    demo.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0; the demo's held-out split uses 1)")
     demo.add_argument("--split", default="train2017", choices=["train2017", "val2017"],
                       help="COCO split name: SPLIT/*.jpg and annotations/instances_SPLIT.json (default train2017)")
     demo.add_argument("--scenes", default="iconic", choices=["iconic", "non-iconic"],

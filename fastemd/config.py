@@ -108,6 +108,9 @@ class TrainConfig:
     ckpt_minutes: float = 30.0
     keep_last: int = 3  # checkpoints kept on disk
     resume: str = ""  # "", "auto" (newest in out_dir) or a checkpoint path
+    # resume a checkpoint into other schedules (train.epochs, optim.base_lr, optim.warmup_epochs,
+    # optim.weight_decay, ema.tau_base): refused unless true, as the lr would jump at the resumed step
+    allow_schedule_change: bool = False
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
     # torch's intra-op threads on a CPU run; 0: the cores this process may use, shared by the
     # ranks of the node, less data.workers (the loader's threads or processes), at least 1.
@@ -410,6 +413,36 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
 
 
 MIN_VIEW_SIZE = 32  # px: the ResNet's total stride
+MAX_VIEW_SIZE = 1024  # px: a 1024 px fp32 view is 12 MB a pair per image; COCO's images are 640 px
+SEED_MAX = 2**32 - 1  # numpy's seeding takes non-negative integers, torch's up to 2**64 - 1: the common range
+# Every integer key's range (inclusive): a value outside is a one-line error naming the key. Upper
+# bounds are what memory, the decoder or a seed can serve (a view of 100000 px, 10**12 epochs of
+# schedule arrays, a seed torch cannot take), far beyond any real run. tests/test_config.py checks
+# that every integer key has one.
+INT_RANGES = {
+    "data.batch_size": (2, 65536, "BatchNorm needs two samples per rank to normalise over"),
+    "data.view1_size": (MIN_VIEW_SIZE, MAX_VIEW_SIZE, "px: the ResNet's stride at least; the demo uses 96, COCO 224"),
+    "data.view2_size": (MIN_VIEW_SIZE, MAX_VIEW_SIZE, "px: the ResNet's stride at least; the demo uses 96, COCO 224"),
+    "data.workers": (0, 256, "threads (DALI) or processes (torch loader) per GPU"),
+    "model.width": (1, 1024, "channels of the stem; 64 is the standard ResNet"),
+    "model.proj_hidden": (1, 65536, "channels"),
+    "model.proj_dim": (1, 65536, "channels"),
+    "model.pred_hidden": (1, 65536, "channels"),
+    "loss.n_iters": (1, 10000, "Sinkhorn iterations"),
+    "train.epochs": (1, 100000, "the paper's COCO schedule is 800"),
+    "train.max_steps": (0, 10**9, "0: run all epochs"),
+    "train.seed": (0, SEED_MAX, "what numpy's and torch's seeding both take"),
+    "train.grad_accum": (1, 4096, "micro-batches a step"),
+    "train.ckpt_every": (0, 10**9, "0: none by step count"),
+    "train.keep_last": (1, 10**6, "checkpoints kept"),
+    "train.max_bad_steps": (1, 10**6, "non-finite steps in a row"),
+    "train.cpu_threads": (0, 4096, "0: the cores this process may use"),
+    "log.every": (1, 10**9, "steps between log lines"),
+    "eval.every": (-1, 10**9, "-1: a tenth of the schedule's steps; 0: off"),
+    "eval.max_images": (0, 10**7, "0: all"),
+    "eval.size": (0, MAX_VIEW_SIZE, "px; 0: data.view1_size"),
+}
+MAX_SCHEDULE_STEPS = 10**8  # the lr, weight-decay and EMA schedules are arrays of this many steps at most
 
 _CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
@@ -440,31 +473,29 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}")
-    positive = ["data.batch_size", "data.view1_size", "data.view2_size", "model.width", "model.proj_hidden",
-                "model.proj_dim", "model.pred_hidden", "loss.gamma", "loss.n_iters", "train.grad_accum",
-                "train.epochs", "train.keep_last", "train.max_bad_steps", "log.every", "optim.eta"]
-    for key in positive:
+    for key, (low, high, why) in INT_RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not low <= value <= high:
+            raise ConfigError(f"{key} must be an integer from {low} to {high} ({why}), got {value}")
+    if 0 < cfg.eval.size < MIN_VIEW_SIZE:
+        raise ConfigError(f"eval.size must be 0 (data.view1_size) or >= {MIN_VIEW_SIZE} px, got {cfg.eval.size}")
+    for key in ["loss.gamma", "optim.eta"]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)!r}")
-    if cfg.eval.every < -1:
-        raise ConfigError(f"eval.every must be -1 (about 10 probes a run), 0 (off) or a number of steps, "
-                          f"got {cfg.eval.every}")
-    if 0 < cfg.eval.size < MIN_VIEW_SIZE:
-        raise ConfigError(f"eval.size must be 0 (data.view1_size) or >= {MIN_VIEW_SIZE} px, got {cfg.eval.size}")
-    for key in ["eval.max_images", "eval.size", "train.max_steps", "train.ckpt_every", "train.ckpt_minutes", "data.workers", "train.cpu_threads", "optim.weight_decay",
-                "optim.warmup_epochs", "loss.global_weight", "loss.dense_weight", "optim.base_lr"]:
+    for key in ["train.ckpt_minutes", "optim.weight_decay", "optim.warmup_epochs", "loss.global_weight",
+                "loss.dense_weight", "optim.base_lr"]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(cfg, section), name)!r}")
-    if cfg.data.batch_size < 2:
-        raise ConfigError("data.batch_size must be >= 2: BatchNorm needs two samples per rank to normalise over, "
-                          f"got {cfg.data.batch_size}")
-    for key in ("data.view1_size", "data.view2_size"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < MIN_VIEW_SIZE:
-            raise ConfigError(f"{key} must be >= {MIN_VIEW_SIZE} px (the ResNet's stride: a smaller view has no C5 "
-                              f"map), got {getattr(getattr(cfg, section), name)}; the demo uses 96, COCO 224")
+    for section in _sections():  # what config.toml (UTF-8) can hold: no undecodable bytes of a path
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str) and any("\ud800" <= ch <= "\udfff" for ch in text):
+                    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    raise ConfigError(f"{section}.{name}: {shown!r} holds bytes that are not UTF-8 (a file or folder "
+                                      "name?); config.toml cannot keep it: rename it")
     if not cfg.train.out_dir.strip():
         raise ConfigError("train.out_dir is empty: name the run's folder, e.g. --train.out_dir=runs/coco "
                           "(an empty value would write checkpoints into the current folder)")
@@ -485,11 +516,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.hw_decoder_load must be in [0, 1], got {cfg.data.hw_decoder_load!r}")
 
 
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quote, backslash and control characters (U+0000-U+001F, U+007F)
+    escaped, everything else as it is (json.dumps would write characters beyond the Basic
+    Multilingual Plane as surrogate pairs, which TOML refuses)."""
+    def escape(ch: str) -> str:
+        if ch in '"\\':
+            return "\\" + ch
+        if ch < " " or ch == "\x7f":
+            return f"\\u{ord(ch):04x}"
+        return ch
+
+    return '"' + "".join(escape(ch) for ch in text) + '"'
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # numbers and booleans: JSON's spelling is TOML's
+
+
 def to_toml(cfg: Config) -> str:
-    """The resolved config as a TOML file that `--config` reads back to the same tree."""
-    lines = [f"preset = {json.dumps(cfg.preset)}"]
+    """The resolved config as a TOML file (UTF-8) that `--config` reads back to the same tree."""
+    lines = [f"preset = {_toml_string(cfg.preset)}"]
     for section in _sections():
         lines.append(f"\n[{section}]")
         for name, value in dataclasses.asdict(getattr(cfg, section)).items():
-            lines.append(f"{name} = {json.dumps(value)}")
+            lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

@@ -1,9 +1,10 @@
 """What the terminal shows during training (rank 0 only; other ranks print nothing).
 
-On a terminal: a live rich panel with the run and epoch progress bars (ETA) and a table of the
-last log step's metrics. Elsewhere (CI, SLURM logs, `| tee`): one plain line per log step,
+On a terminal: a live rich panel with the run and epoch progress bars (one ETA: the trainer's, from
+the timed steps) and a table of the last log step's metrics, the loss and its parts smoothed alike
+(EMA over log steps, so that they add up). Elsewhere (CI, SLURM logs, `| tee`): one plain line per log step,
 
-    step 120/3200 | ep 2 | loss 1.2345 (emd 0.8123 glob 0.4222) | sim 0.5938 | gap +0.112/+0.204 |
+    step 120/3200 | epoch 3/80 | loss 1.2345 (emd 0.8123 glob 0.4222) | sim 0.5938 | gap +0.112/+0.204 |
     spread 0.71/0.83 | rank 41.2 | lr 0.0812 | tau 0.99612 | 412.3 ms/step | 621 img/s | data 1.2% |
     mem 31.2G | mfu 38% | skipped 0 | eta 0:21:14
 
@@ -24,7 +25,7 @@ from datetime import timedelta
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -44,11 +45,16 @@ def _pair(m: dict, a: str, b: str, fmt: str) -> str:
     return f"{one(a)}/{one(b)}"
 
 
+def _epoch(m: dict) -> str:
+    """"3/40": the epoch counted from 1, of the run's epochs (metrics.jsonl keeps 0-based `epoch`)."""
+    return f"{m['epoch'] + 1}/{m['epochs']}" if m.get("epochs") else f"{m['epoch'] + 1}"
+
+
 def format_line(m: dict) -> str:
     """The plain one-line form of a log step's metrics."""
     parts = [
         f"step {m['step']}/{m['total_steps']}",
-        f"ep {m['epoch']}",
+        f"epoch {_epoch(m)}",
         f"loss {m['loss']:.4f} (emd {m['loss_emd']:.4f} glob {m['loss_global']:.4f})",
         f"sim {m['similarity']:.4f}",
     ]
@@ -87,22 +93,24 @@ class Dashboard:
         self.probe: dict = {}  # the last online probe's metrics, shown until the next one
         if not self.rich:
             return
+        # One ETA, the trainer's (from the timed steps of the log window): rich's own estimate from
+        # the bar's progress disagreed with it by minutes.
         self.progress = Progress(
-            TextColumn("[bold]{task.description:>5}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+            TextColumn("[bold]{task.description:>11}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), console=self.console,
         )
-        self.run_task = self.progress.add_task("run", total=total_steps, completed=start_step)
-        self.epoch_task = self.progress.add_task("epoch", total=steps_per_epoch,
+        self.run_task = self.progress.add_task("run", total=total_steps, completed=start_step, eta="eta -")
+        self.epoch_task = self.progress.add_task("epoch", total=steps_per_epoch, eta="",
                                                  completed=start_step % max(steps_per_epoch, 1))
         self.table = self._table({})
         self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
 
     def _table(self, m: dict) -> Table:
-        table = Table.grid(padding=(0, 3))
-        for _ in range(4):
-            table.add_column(justify="right", style="cyan")
-            table.add_column(justify="left")
+        table = Table.grid(padding=(0, 2))
+        for _ in range(3):  # fixed widths: the columns stay put as values change, and fit 100 columns
+            table.add_column(justify="right", style="cyan", min_width=12)
+            table.add_column(justify="left", min_width=15)
 
         def get(key, fmt):
             value = m.get(key)
@@ -110,24 +118,26 @@ class Dashboard:
 
         mfu = m.get("mfu")
         rows = [
-            ("loss", get("loss_smooth", "{:.4f}"), "emd", get("loss_emd", "{:.4f}"),
-             "global", get("loss_global", "{:.4f}"), "similarity", get("similarity", "{:.4f}")),
-            ("lr", get("lr", "{:.4g}"), "tau", get("tau", "{:.5f}"),
-             "epoch", get("epoch", "{}"), "skipped", get("skipped_steps", "{}")),
+            # the loss and its parts smoothed alike (EMA over log steps): they add up, as the raw ones do
+            ("loss (EMA)", get("loss_smooth", "{:.4f}"), "emd (EMA)", get("loss_emd_smooth", "{:.4f}"),
+             "global (EMA)", get("loss_global_smooth", "{:.4f}")),
+            ("similarity", get("similarity", "{:.4f}"), "lr", get("lr", "{:.4g}"), "tau", get("tau", "{:.5f}")),
+            ("epoch", _epoch(m) if "epoch" in m else "-", "step", f"{m.get('step', '-')}/{m.get('total_steps', '-')}",
+             "skipped", get("skipped_steps", "{}")),
             ("img/s", get("images_per_s", "{:,.0f}"), "ms/step", get("ms_per_step", "{:.1f}"),
-             "data wait", get("data_wait_pct", "{:.1f}%"), "peak mem", get("peak_mem_gb", "{:.1f} GB")),
-            ("MFU", "-" if mfu is None else f"{100 * mfu:.0f}%", "eta", _eta(m.get("eta_s")),
-             "step", f"{m.get('step', '-')}/{m.get('total_steps', '-')}", "", ""),
+             "data wait", get("data_wait_pct", "{:.1f}%")),
+            ("peak mem", get("peak_mem_gb", "{:.1f} GB"), "MFU", "-" if mfu is None else f"{100 * mfu:.0f}%", "", ""),
             # health (fastemd/health.py): own - other image's similarity; spread 1 healthy, 0 collapsed
             ("gap d/g", _pair(m, "gap_dense", "gap_global", "{:+.3f}"),
              "spread d/g", _pair(m, "spread_dense", "spread_global", "{:.2f}"),
-             "rank", get("rank", "{:.1f}"), "sinkhorn err", get("sinkhorn_err", "{:.1e}")),
+             "rank", get("rank", "{:.1f}")),
+            ("sinkhorn err", get("sinkhorn_err", "{:.1e}"), "", "", "", ""),
         ]
         p = self.probe
         if p:  # the online probe (fastemd/eval/online.py): EMA backbone (random init)
             rows.append(("probe kNN", f"{p['probe_knn']:.3f} ({p['probe_knn_random']:.3f})",
                          "retrieval", f"{p['probe_retrieval']:.3f} ({p['probe_retrieval_random']:.3f})",
-                         "at step", str(p["step"]), "probe", f"{p['probe_s']:.1f} s"))
+                         "probed at", f"step {p['step']}, {p['probe_s']:.1f} s"))
         for row in rows:
             table.add_row(*row)
         return table
@@ -146,8 +156,8 @@ class Dashboard:
             return
         if m.get("probe_knn") is not None:
             self.probe = m
-        self.progress.update(self.run_task, completed=m["step"])
-        self.progress.update(self.epoch_task, completed=m["step_in_epoch"], description="epoch")
+        self.progress.update(self.run_task, completed=m["step"], eta=f"eta {_eta(m.get('eta_s'))}")
+        self.progress.update(self.epoch_task, completed=m["step_in_epoch"], description=f"epoch {_epoch(m)}")
         self.table = self._table(m)
         self.warning = m.get("health_warning")
         self.live.update(self._render())

@@ -50,7 +50,7 @@ MODEL:
     STRIDE_IN_1X1: False                     # torchvision's ResNet puts the stride in the 3x3
     STEM_OUT_CHANNELS: {stem}
     RES2_OUT_CHANNELS: {res2}
-    WIDTH_PER_GROUP: {width}  # res2's 3x3 width (NUM_GROUPS 1)
+    WIDTH_PER_GROUP: {width:<24}# res2's 3x3 width (NUM_GROUPS 1)
     NORM: "SyncBN"                           # fine-tune the BN statistics, as for any SSL backbone
   FPN:
     NORM: "SyncBN"
@@ -175,10 +175,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="file to write (.pth for torchvision, .pkl for detectron2)")
     parser.add_argument("--network", default="online", choices=["online", "target"],
                         help="which backbone: the online network (default, as BYOL evaluates) or the EMA target")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--force", action="store_true", help="replace --output (and --recipe-output) if it exists")
+    parser.add_argument("--recipe-output", metavar="FILE.yaml",
+                        help="detectron2: also write the fine-tune config printed below to FILE.yaml")
+
+
+def _recipe_problem(args: argparse.Namespace) -> str | None:
+    """Why --recipe-output cannot be written (checked before anything is), or None."""
+    if not args.recipe_output:
+        return None
+    if args.format != "detectron2":
+        return "--recipe-output goes with --format detectron2 (the detectron2 fine-tune config)"
+    path = Path(args.recipe_output)
+    others = [Path(args.checkpoint), Path(args.output)]
+    if any(path.resolve() == other.resolve() for other in others):
+        return f"--recipe-output {path} is the checkpoint or --output; write the config elsewhere"
+    if path.is_dir():
+        return f"--recipe-output {path}: is a folder; name the .yaml file to write"
+    if path.exists() and not args.force:
+        return f"--recipe-output {path}: exists; pass --force to replace it"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
+    if problem := _recipe_problem(args):
+        print(f"fastemd export: error: {problem}", file=sys.stderr)
+        return 1
     try:
         info = export_checkpoint(args.checkpoint, args.output, args.format, args.network, args.force)
     except (CheckpointError, ValueError, OSError) as e:
@@ -188,13 +210,19 @@ def run(args: argparse.Namespace) -> int:
           f"(step {info['step']}) to {info['output']} ({info['format']})")
     if args.format == "detectron2":
         if info["arch"] in ("resnet18", "resnet34") and info["res2"] != 64:
-            print(f"note: detectron2 builds {info['arch']} only with res2 at 64 channels; this one has "
-                  f"{info['res2']} (model.width {info['stem']}): it has no detectron2 twin. "
-                  "`fastemd eval detect` fine-tunes any width.")
-        print("detectron2 config for the COCO 1x fine-tune (the YAML below, to the end):")
+            # detectron2 rejects the config (RES2_OUT_CHANNELS = 64 for R18/R34): no recipe for it
+            print(f"no detectron2 config: detectron2 builds {info['arch']} only with res2 at 64 channels, and this "
+                  f"one has {info['res2']} (model.width {info['stem']}); `fastemd eval detect` fine-tunes any width")
+            return 0 if not args.recipe_output else 1
         # an absolute WEIGHTS path: detectron2's train_net.py runs from its own checkout
-        print(DETECTRON2_CONFIG.format(weights=Path(info["output"]).resolve(), depth=_DEPTH.get(info["arch"], 50),
-                                       stem=info["stem"], res2=info["res2"], width=info["width"]))
+        recipe = DETECTRON2_CONFIG.format(weights=Path(info["output"]).resolve(), depth=_DEPTH.get(info["arch"], 50),
+                                          stem=info["stem"], res2=info["res2"], width=info["width"])
+        if args.recipe_output:
+            _atomic_write(Path(args.recipe_output), lambda f: f.write(recipe.encode()))
+            print(f"wrote the detectron2 config for the COCO 1x fine-tune to {args.recipe_output}:")
+        else:
+            print("detectron2 config for the COCO 1x fine-tune (the YAML below, to the end):")
+        print(recipe)
     elif info["stem"] == 64:
         print(f"torchvision: m = torchvision.models.{info['arch']}(); "
               f"m.load_state_dict(torch.load({info['output']!r}), strict=False)  # missing: fc.weight, fc.bias only")

@@ -38,8 +38,13 @@ from fastemd.model import _positions  # (B, C, H, W) -> (B, H*W, C), as the loss
 # to random init) kept the smoothed gaps within +-0.005; runs that learned opened them past 0.03
 # some 50-150 steps after the lr warm-up (BENCHMARKS.md, "Is it learning?").
 GAP_MIN = 0.01  # smoothed gaps below this, every branch: "no instance specificity"
+GAP_CLEAR = 0.02  # ... and a raised warning clears only once a smoothed gap reaches this (hysteresis)
 SPREAD_MIN = 0.1  # spread (std x sqrt(D)) below this is collapse
-SMOOTHING = 0.8  # the gaps' exponential moving average over log steps
+# The signals' exponential moving average over log steps: 0.9 weighs about the last 10 log steps.
+# One batch's gap swings by +-0.05 in a run that does not learn (the demo at optim.base_lr=1e-6);
+# at 0.8 a single such batch cleared the warning at the run's last step.
+SMOOTHING = 0.9
+WINDOW = round(1 / (1 - SMOOTHING))  # "about the last N log steps", for messages
 
 KEYS = ("sim_dense_own", "sim_dense_other", "gap_dense", "sim_global_own", "sim_global_other", "gap_global",
         "spread_dense", "spread_global", "rank", "sinkhorn_err")
@@ -96,59 +101,83 @@ def health_metrics(maps: dict[str, torch.Tensor], loss_cfg) -> torch.Tensor:
 
 
 class HealthMonitor:
-    """Turns the log steps' signals into a warning (a string), or None while healthy.
+    """Turns the log steps' signals into a warning (a string), or None while healthy, from the
+    signals smoothed over log steps (SMOOTHING: about the last WINDOW log steps), never one batch.
 
-    - collapse: the dense or global spread below SPREAD_MIN at any log step past the lr warm-up;
-    - no instance specificity: every branch's gap, smoothed over log steps (SMOOTHING), below
-      GAP_MIN, judged from `judge_from` on: past the warm-up by the warm-up's length or 15% of
-      the run, whichever is longer (at least three log steps), since a learning run opens its
-      gap only some time after the warm-up (the demo's runs: up to 205 of 1280 steps, 140 past
-      the warm-up). A gap that opens clears the warning.
+    - collapse: the smoothed dense or global spread below SPREAD_MIN past the lr warm-up;
+    - no instance specificity: every branch's smoothed gap below GAP_MIN, judged from `judge_from`
+      on: past the warm-up by the warm-up's length or 15% of the run, whichever is longer (at least
+      three log steps), since a learning run opens its gap only some time after the warm-up (the
+      demo's runs: up to 205 of 1280 steps, 140 past the warm-up). Once raised, it clears only when
+      a smoothed gap reaches GAP_CLEAR (hysteresis: a gap hovering at GAP_MIN does not flip it).
+    `summary()` is the end of a run's line: the smoothed signals and the warnings raised.
     """
 
     def __init__(self, warmup_steps: int, total_steps: int, log_every: int = 1, gap_min: float = GAP_MIN,
-                 spread_min: float = SPREAD_MIN):
-        self.warmup_steps, self.gap_min, self.spread_min = warmup_steps, gap_min, spread_min
+                 spread_min: float = SPREAD_MIN, gap_clear: float = GAP_CLEAR):
+        self.warmup_steps, self.gap_min, self.spread_min, self.gap_clear = warmup_steps, gap_min, spread_min, gap_clear
         self.judge_from = warmup_steps + max(warmup_steps, math.ceil(0.15 * total_steps), 3 * log_every)
-        self.smoothed: dict[str, float] = {}
+        self.smoothed: dict[str, float] = {}  # gap_dense, gap_global, spread_dense, spread_global, rank
         self.seen = 0  # log steps smoothed so far (a resumed run starts again: judged after a few)
+        self.warning: str | None = None
+        self.raised: list[tuple[int, int | None]] = []  # (step raised, step cleared or None)
+
+    def _smooth(self, m: dict) -> None:
+        for key in ("gap_dense", "gap_global", "spread_dense", "spread_global", "rank"):
+            v = m.get(key)
+            if _finite(v):
+                old = self.smoothed.get(key)
+                self.smoothed[key] = v if old is None else SMOOTHING * old + (1 - SMOOTHING) * v
 
     def update(self, step: int, m: dict) -> str | None:
         self.seen += 1
-        for k in ("dense", "global"):
-            v = m.get(f"gap_{k}")
-            if _finite(v):
-                old = self.smoothed.get(k)
-                self.smoothed[k] = v if old is None else SMOOTHING * old + (1 - SMOOTHING) * v
+        self._smooth(m)
+        warning = self._judge(step)
+        if warning and not self.warning:
+            self.raised.append((step, None))
+        elif self.warning and not warning:
+            self.raised[-1] = (self.raised[-1][0], step)
+        self.warning = warning
+        return warning
+
+    def _judge(self, step: int) -> str | None:
         if step <= self.warmup_steps:
             return None
-        spreads = {k: m.get(f"spread_{k}") for k in ("dense", "global")}
+        spreads = {k: self.smoothed.get(f"spread_{k}") for k in ("dense", "global")}
         low = [f"{k} {v:.3f}" for k, v in spreads.items() if _finite(v) and v < self.spread_min]
         if low:
-            return (f"collapse: the target projections' spread (per-channel std x sqrt(D); 1 healthy, 0 collapsed) "
-                    f"is {', '.join(low)}; lower optim.base_lr or raise ema.tau_base")
-        if (step >= self.judge_from and self.seen >= 3 and self.smoothed
-                and all(v < self.gap_min for v in self.smoothed.values())):
-            shown = ", ".join(f"{k} {v:+.3f}" for k, v in self.smoothed.items())
+            return (f"collapse: the target projections' spread (per-channel std x sqrt(D), smoothed; 1 healthy, 0 "
+                    f"collapsed) is {', '.join(low)}; lower optim.base_lr or raise ema.tau_base")
+        gaps = {k: self.smoothed[f"gap_{k}"] for k in ("dense", "global") if f"gap_{k}" in self.smoothed}
+        if not gaps or step < self.judge_from or self.seen < 3:
+            return None
+        # raised below GAP_MIN; once raised, held until a gap reaches GAP_CLEAR
+        limit = self.gap_clear if self.warning and self.warning.startswith("not learning") else self.gap_min
+        if all(v < limit for v in gaps.values()):
+            shown = ", ".join(f"{k} {v:+.3f}" for k, v in gaps.items())
             return (f"not learning: a view's prediction is as close to another image's target as to its own "
-                    f"(smoothed gap {shown}); the loss can fall without the backbone learning. "
-                    "Check with `fastemd eval probe`; raise optim.base_lr or train longer")
+                    f"(gap smoothed over about {WINDOW} log steps: {shown}); the loss can fall without the backbone "
+                    "learning. Check with `fastemd eval probe`; raise optim.base_lr or train longer")
         return None
+
+    def summary(self) -> str:
+        """The run's health in one line: the smoothed signals (what they are) and the warnings."""
+        def fmt(key, spec):
+            v = self.smoothed.get(key)
+            return "-" if not _finite(v) else spec.format(v)
+
+        text = (f"smoothed over about the last {WINDOW} log steps: instance gap dense {fmt('gap_dense', '{:+.3f}')}, "
+                f"global {fmt('gap_global', '{:+.3f}')} (own image's similarity minus another's); spread dense "
+                f"{fmt('spread_dense', '{:.2f}')}, global {fmt('spread_global', '{:.2f}')} (1 as spread as random "
+                f"directions, 0 collapsed); rank {fmt('rank', '{:.1f}')}")
+        if not self.raised:
+            return text + "; no health warning"
+        spans = ", ".join(f"step {a}-{b}" if b else f"step {a} on" for a, b in self.raised)
+        text += f"; health warning raised {len(self.raised)} time(s) ({spans})"
+        if self.warning:
+            text += f", holding at the end: {self.warning.split(':')[0]}"
+        return text
 
 
 def _finite(v) -> bool:
     return isinstance(v, float) and math.isfinite(v)
-
-
-def health_summary(m: dict) -> str:
-    """One line of the last log step's signals for the end-of-run summary."""
-    def fmt(key, spec):
-        v = m.get(key)
-        return "-" if not _finite(v) else spec.format(v)
-
-    text = (f"instance gap dense {fmt('gap_dense', '{:+.3f}')}, global {fmt('gap_global', '{:+.3f}')} "
-            f"(own minus another image's similarity); spread dense {fmt('spread_dense', '{:.2f}')}, "
-            f"global {fmt('spread_global', '{:.2f}')} (1 healthy, 0 collapsed); rank {fmt('rank', '{:.1f}')}")
-    if m.get("health_warning"):
-        text += f"; WARNING {m['health_warning']}"
-    return text

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from fastemd.cli import nonneg_int, positive_int
+from fastemd.cli import int_in, nonneg_int, positive_int
 
 RUNGS = ("fp32", "channels_last", "amp", "compile", "triton")
 
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--preset", default="bench", help="config preset (default: bench = ResNet-50, 224/224)")
-    parser.add_argument("--batch", type=positive_int, default=None, help="per-device batch (default: the preset's)")
+    parser.add_argument("--batch", type=int_in(1, 65536), default=None, help="per-device batch (default: the preset's)")
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per rung (default: %(default)s)")
     parser.add_argument("--warmup", type=nonneg_int, default=5, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--rungs", default=None,
@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of the last rung to DIR")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the ladder and the phase split (needs matplotlib)")
     parser.add_argument("--epochs", type=nonneg_int, default=0,
-                        help="e2e: measure the epoch boundaries over this many epochs, before and after issue 13 "
-                             "(loader started afresh + synchronous checkpoint, against the spanning loader + "
+                        help="e2e: measure the epoch boundaries over this many epochs: 'before' (loader started afresh "
+                             "each epoch + synchronous checkpoint) against 'after' (fastemd train's spanning loader + "
                              "background checkpoint); 0: the steady-state measurement (default)")
     parser.add_argument("--images", type=nonneg_int, default=0,
                         help="e2e: use only the first N images (few steps per epoch); 0: all")
@@ -334,7 +334,8 @@ def profile_e2e(args) -> dict:
 
 
 def _epoch_boundaries(args, build_loader, step: Step, cfg) -> dict:
-    """What an epoch boundary costs, before and after issue 13, in one run on one machine.
+    """What an epoch boundary costs, with and without spanning loaders and background checkpoints, in one run on
+    one machine.
 
     Each mode runs `args.epochs` epochs of the real loader into the step, and at every epoch end
     writes the step's checkpoint (model, optimizer: what `fastemd train` saves):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastemd.cli import nonneg_float, nonneg_int, positive_int
+from fastemd.cli import int_in, nonneg_float, positive_int
 from fastemd.pipelines import BadImageError, build_two_view_loader, resolve_sources
 
 
@@ -41,14 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda adds DALI's gpu pipeline (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--workers", type=nonneg_int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=int_in(0, 256), default=min(4, os.cpu_count() or 1),
                         help="DALI threads = reference loader processes (default: %(default)s)")
     parser.add_argument("--pairs", type=positive_int, default=1024, help="pairs per measurement (default: %(default)s)")
     parser.add_argument("--seconds", type=nonneg_float, default=0.0, help="stop a measurement after this long (0: no cap)")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=int_in(1, 65536), default=32)
     parser.add_argument("--source", nargs="*", default=[],
                         help="COCO json, folder or manifest (default: a temporary set of 640x480 JPEGs)")
-    parser.add_argument("--images", type=positive_int, default=64, help="generated JPEGs (default: %(default)s)")
+    parser.add_argument("--images", type=int_in(1, 100000), default=64, help="generated JPEGs (default: %(default)s)")
     parser.add_argument("--kinds", default="dali,torch", help="comma list of dali, torch (default: %(default)s)")
     parser.add_argument("--views", nargs="+", type=_views, default=[(224, 224), (224, 160)],
                         help="view sizes, e.g. 224,160")

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from fastemd.cli import nonneg_float, positive_float, positive_int, positive_int_list
+from fastemd.cli import int_in, nonneg_float, positive_float, positive_int_list
 from fastemd.kernels import emd_similarity, emd_similarity_reference
 
 IMPLS = ("torch", "compile", "triton", "pot-batch", "pot-loop")  # the rows it can measure
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int_list, default="64,256,512,1024",
                         help="comma list of B (default: %(default)s)")
     parser.add_argument("--sizes", type=positive_int_list, default="25,49", help="comma list of M = N (default: %(default)s)")
-    parser.add_argument("--channels", type=positive_int, default=256, help="C (default: %(default)s)")
-    parser.add_argument("--iters", type=positive_int, default=20, help="Sinkhorn iterations (default: %(default)s)")
+    parser.add_argument("--channels", type=int_in(1, 65536), default=256, help="C (default: %(default)s)")
+    parser.add_argument("--iters", type=int_in(1, 10000), default=20, help="Sinkhorn iterations (default: %(default)s)")
     parser.add_argument("--gamma", type=positive_float, default=0.05, help="default: %(default)s")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                         help="input dtype (default: bf16 on cuda, fp32 on cpu); the math is fp32")

@@ -69,12 +69,12 @@ from fastemd.checkpoint import (
     set_aside_newer,
     set_rng_state,
 )
-from fastemd.config import Config, to_toml
+from fastemd.config import MAX_SCHEDULE_STEPS, Config, to_toml
 from fastemd.dashboard import Dashboard, Meter, now
 from fastemd.distributed import from_rank0, on_every_rank
 from fastemd.eval.online import KEYS as PROBE_KEYS
 from fastemd.health import KEYS as HEALTH_KEYS
-from fastemd.health import HealthMonitor, health_metrics, health_summary
+from fastemd.health import HealthMonitor, health_metrics
 from fastemd.pipelines.sources import DataError
 from fastemd.step import KEYS, TrainStep, compile_for_training
 
@@ -207,7 +207,7 @@ def _write_run_folder(cfg: Config, out_dir: Path, revision: str, resumed_step: i
                   f"keeps its checkpoint's global batch of {cfg.data.batch_size * env.world_size * accum}\n")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(f"# fastemd {revision}\n{layout}" + to_toml(cfg))
+        (out_dir / "config.toml").write_text(f"# fastemd {revision}\n{layout}" + to_toml(cfg), encoding="utf-8")
         if resumed_step is None and metrics_path.is_file() and metrics_path.stat().st_size:
             # rows of a run that stopped before its first checkpoint: another timeline, kept aside
             aside = set_aside(metrics_path)
@@ -259,6 +259,7 @@ def _read_checkpoint_to_resume(cfg: Config, out_dir: Path, num_files: int,
         return None
     state, path = found
     _check_same_model(state, cfg, path)
+    _check_same_schedule(state, cfg, path)
     accum = _accum_keeping_global_batch(state, cfg, world_size, path)
     steps = steps_per_epoch(num_files, cfg.data.batch_size, world_size, cfg.data.drop_last, accum)
     saved = state.get("steps_per_epoch")
@@ -385,6 +386,34 @@ def _check_same_model(state: dict, cfg: Config, source) -> None:
             how = f"the saved values ({' '.join(saved_values) or 'its loss branches'})"
         raise TrainingError(f"{source}: a checkpoint of another network ({'; '.join(differ)}); resume with the "
                             f"run's own config: {how}")
+
+
+_SCHEDULE_KEYS = ("train.epochs", "optim.base_lr", "optim.warmup_epochs", "optim.weight_decay", "ema.tau_base")
+
+
+def _check_same_schedule(state: dict, cfg: Config, source) -> None:
+    """A checkpoint resumed into other schedules (a 320-step run resumed into a 1280-step config:
+    the lr jumps to the other schedule at the saved step) is a one-line error, unless
+    train.allow_schedule_change says it is on purpose (then a line says so)."""
+    saved = state.get("config") or {}
+    differ = []
+    for key in _SCHEDULE_KEYS:
+        section, name = key.split(".")
+        old, new = (saved.get(section) or {}).get(name), getattr(getattr(cfg, section), name)
+        if old is not None and old != new:
+            differ.append(f"{key}: saved {old!r}, now {new!r}")
+    if not differ:
+        return
+    if cfg.train.allow_schedule_change:
+        print(f"fastemd: resuming {source} with other schedules ({'; '.join(differ)}), as "
+              "train.allow_schedule_change=true asks: the lr, weight decay and EMA follow the new ones from its step on")
+        return
+    run_dir = Path(source).resolve().parent.parent
+    own = (f"fastemd train --config {run_dir / 'config.toml'} --resume auto" if (run_dir / "config.toml").is_file()
+           else "the run's own values")
+    raise TrainingError(f"{source}: saved with other schedules ({'; '.join(differ)}): its lr, weight decay and EMA "
+                        f"would jump at step {state.get('step')}; resume with {own}, or "
+                        "--train.allow_schedule_change=true to change them on purpose")
 
 
 def _no_buffer_broadcast() -> dict:
@@ -561,6 +590,10 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
     global_batch = cfg.data.batch_size * env.world_size * accum
     total_steps = cfg.train.epochs * steps_per_epoch  # what the schedules span
+    if total_steps > MAX_SCHEDULE_STEPS:  # three float arrays of this length, before any step
+        raise _agreed(env, TrainingError(
+            f"train.epochs={cfg.train.epochs} x {steps_per_epoch} steps an epoch is {total_steps} steps, more than the "
+            f"{MAX_SCHEDULE_STEPS} the schedules are made for; lower --train.epochs or raise --data.batch_size"))
     run_steps = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     last_epoch = max(0, run_steps - 1) // steps_per_epoch  # nothing is decoded past it
     lr_sched = lr_schedule(cfg.optim.base_lr, global_batch, cfg.train.epochs, cfg.optim.warmup_epochs, steps_per_epoch)
@@ -685,7 +718,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     last_metrics: dict = {}  # the last log step's, for the summary
     window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None
     window_ckpt = 0.0  # seconds the steps of the log window waited for checkpoints (their blocking part)
-    smooth = Meter()
+    smooth = {k: Meter() for k in ("loss", "loss_emd", "loss_global")}  # the panel's: smoothed alike, they add up
     bad_in_row = 0
     overflows = 0  # fp16 steps the GradScaler skipped
     writer = CheckpointWriter(out_dir, cfg.train.keep_last)
@@ -740,8 +773,6 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     # step's collectives: the rank joins the step with a stand-in batch of zeros, and the step's
     # reduction stops every rank (the step changes nothing).
     bad_image: list[BadImageError] = []
-    stand_in = (torch.zeros(cfg.data.batch_size, 3, cfg.data.view1_size, cfg.data.view1_size),
-                torch.zeros(cfg.data.batch_size, 3, cfg.data.view2_size, cfg.data.view2_size))
 
     def next_batch():
         if not bad_image:
@@ -749,7 +780,8 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 return next(batches)
             except BadImageError as e:
                 bad_image.append(e)
-        return stand_in
+        return (torch.zeros(cfg.data.batch_size, 3, cfg.data.view1_size, cfg.data.view1_size),
+                torch.zeros(cfg.data.batch_size, 3, cfg.data.view2_size, cfg.data.view2_size))
     run_start = now()
     with StopSignal() as stop:
         try:
@@ -811,8 +843,11 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                                    else torch.full((len(HEALTH_KEYS),), float("nan"), device=env.device))
                         means = torch.cat([window / window_steps, signals]).tolist()  # syncs: log steps only
                         m = dict(zip(keys + HEALTH_KEYS, means))
-                        m.update(step=step, total_steps=run_steps, epoch=epoch, step_in_epoch=step_in_epoch + 1,
-                                 loss_smooth=smooth.update(m["loss"]), lr=float(lr_sched[step - 1]),
+                        m.update(step=step, total_steps=run_steps, epoch=epoch, epochs=cfg.train.epochs,
+                                 step_in_epoch=step_in_epoch + 1, loss_smooth=smooth["loss"].update(m["loss"]),
+                                 loss_emd_smooth=smooth["loss_emd"].update(m["loss_emd"]),
+                                 loss_global_smooth=smooth["loss_global"].update(m["loss_global"]),
+                                 lr=float(lr_sched[step - 1]),
                                  tau=float(tau_sched[step - 1]), skipped_steps=skipped, fp16_overflows=overflows,
                                  skipped_files=getattr(loader, "skipped_files", 0), ckpt_ms=1000 * window_ckpt,
                                  peak_mem_gb=torch.cuda.max_memory_allocated(env.device) / 1e9 if cuda else None)
@@ -854,8 +889,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                         checkpoint()
                         with write_errors():
                             writer.wait()  # on disk before the process exits (torchrun's SIGKILL comes 30 s after)
-                        dash.print(f"fastemd: {ended} at step {step}; checkpoint {writer.last}", style="bold yellow")
-                        break
+                        break  # the closing lines say where it stopped, the checkpoint, and how to continue
                     if ckpt_due or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
                         checkpoint()
                 else:  # the epoch ran to its end: the next one goes on from the loader's stream
@@ -921,6 +955,11 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 f"ends at step {run_steps}; raise train.epochs or train.max_steps to train on")
         else:
             say(f"fastemd: {ended} at step {step}/{run_steps} ({skipped} skipped)")
+        if ended != "finished" and last_ckpt is not None:
+            say(f"  to continue: {_resume_command(out_dir, env.world_size)}")
+        elif ended == "finished" and run_steps < total_steps:
+            say(f"  to train on: raise --train.max_steps (the schedules span {total_steps} steps) and "
+                f"{_resume_command(out_dir, env.world_size)}")
         if result["skipped_files"]:
             whose = "" if env.world_size == 1 else " by rank 0"
             say(f"  images:     {result['skipped_files']} skipped{whose} (named in the warnings above); "
@@ -931,7 +970,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             say(f"  backbone:   {result['backbone']} (torchvision resnet state dict; "
                 f"`fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)")
         if last_metrics:
-            say(f"  health:     {health_summary(last_metrics)}")
+            say(f"  health:     {monitor.summary()}")
         if probes:
             say(f"  online probe: {_probe_summary(probes, now() - run_start, probe.setup_s)}")
         if result.get("backbone") or last_ckpt:
@@ -955,6 +994,14 @@ def _default_probe_data(cfg: Config) -> str:
         return "demo" if cfg.preset == "demo" else ""
     named = [s for s in cfg.data.sources if keyword_scenes(s)]
     return named[0] if named and len(named) == len(cfg.data.sources) else ""
+
+
+def _resume_command(out_dir: Path, world_size: int) -> str:
+    """How to continue this run: its own config (written by this run) and --resume auto."""
+    command = f"--config {out_dir / 'config.toml'} --resume auto"
+    if world_size == 1:
+        return f"fastemd train {command}"
+    return f"the same torchrun launch ({world_size} ranks) of tools/train.py {command}"
 
 
 def _probe_summary(probes: list[dict], run_seconds: float, setup_seconds: float) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .sources import IMAGE_SUFFIXES, DataError, name_problem, resolve_sources, shown
+from .sources import IMAGE_SUFFIXES, DataError, name_problem, resolve_sources, shown, unsupported_images
 
 MIN_SIDE = 32
 MAX_SIDE = 10_000
@@ -186,7 +186,10 @@ def write_outputs(results: list[FileCheck], manifest: Path, report: Path, source
 
 
 def _report_rows(results: list[FileCheck]) -> str:
-    return "path\treason\n" + "".join(f"{shown(r.path)}\t{r.reason}\n" for r in results if r.reason is not None)
+    """The rejected files and why, then the usable ones that the decoders convert, and how."""
+    rows = [f"{shown(r.path)}\t{r.reason}\n" for r in results if r.reason is not None]
+    rows += [f"{shown(r.path)}\tusable, converted on decode: {r.note}\n" for r in results if r.reason is None and r.note]
+    return "path\treason\n" + "".join(rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    console = Console(stderr=True, soft_wrap=True)  # soft_wrap: a long path stays one line in a log
+    console = Console(stderr=True, soft_wrap=True)  # errors; soft_wrap: a long path stays one line in a log
+    out = Console(soft_wrap=True, highlight=False)  # the summary: stdout, beside the progress bar on stderr
     problems = [_output_problem(option, Path(value), args.sources)
                 for option, value in (("--manifest", args.manifest), ("--report", args.report))]
     manifest, report = Path(args.manifest).expanduser(), Path(args.report).expanduser()
@@ -267,8 +271,11 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
+    # images of other formats in the folders: not read by anything here, so reported, never dropped silently
+    others = [FileCheck(path, f"not a JPEG or PNG ({Path(path).suffix.lower()} files are not read): convert it to "
+                              "JPEG or PNG") for path in unsupported_images(args.sources)]
     try:
-        results = check_files(files, args.workers, progress=not args.no_progress and sys.stderr.isatty())
+        results = check_files(files, args.workers, progress=not args.no_progress and sys.stderr.isatty()) + others
     except KeyboardInterrupt as e:  # a partial manifest would drop the unchecked files silently: none
         done = getattr(e, "results", [])
         report = Path(args.report)
@@ -278,13 +285,15 @@ def run(args: argparse.Namespace) -> int:
         return 130
     write_outputs(results, Path(args.manifest), Path(args.report), args.sources)
     bad = [r for r in results if r.reason is not None]
-    converted = sum(1 for r in results if r.note)
-    console.print(
-        f"{len(results) - len(bad)} usable ({converted} converted on decode), {len(bad)} rejected; "
+    converted = [r for r in results if r.reason is None and r.note]
+    other_formats = f" ({len(others)} of another format)" if others else ""
+    out.print(
+        f"{len(results) - len(bad)} usable ({len(converted)} converted on decode), {len(bad)} rejected{other_formats}; "
         f"manifest: {escape(args.manifest)}, report: {escape(args.report)}"
     )
-    for r in bad[:10]:
-        console.print(f"  [yellow]{escape(shown(r.path))}[/yellow]: {escape(r.reason)}")  # paths may hold [...]
-    if len(bad) > 10:
-        console.print(f"  ... and {len(bad) - 10} more in {escape(args.report)}")
+    for title, rows, what in (("rejected", bad, lambda r: r.reason), ("converted on decode", converted, lambda r: r.note)):
+        for r in rows[:10]:  # paths may hold [...]: escaped for rich
+            out.print(f"  {title}: [yellow]{escape(shown(r.path))}[/yellow]: {escape(what(r))}")
+        if len(rows) > 10:
+            out.print(f"  ... and {len(rows) - 10} more {title} in {escape(args.report)}")
     return 0 if len(bad) < len(results) else 1

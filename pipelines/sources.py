@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# image files a folder may hold that no decoder here takes: check-data lists them, never drops them silently
+OTHER_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".bmp", ".webp", ".heic", ".heif", ".avif", ".jp2", ".jxl")
 
 
 class DataError(ValueError):
@@ -70,7 +72,18 @@ def resolve_sources(sources: list[str] | str) -> list[str]:
     return files
 
 
-def _folder_images(folder: Path) -> list[str]:
+def unsupported_images(sources: list[str]) -> list[str]:
+    """The files of the folder sources that are images of another format (OTHER_IMAGE_SUFFIXES):
+    what resolve_sources leaves out of a folder's listing, for check-data to report."""
+    found = []
+    for source in sources:
+        folder = Path(str(source).partition("::")[0]).expanduser()
+        if folder.is_dir():
+            found += _folder_images(folder, OTHER_IMAGE_SUFFIXES)
+    return found
+
+
+def _folder_images(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
     """Every image name under `folder`, recursively, sorted. Links are listed under their own names
     (a link to /etc/passwd is reported as the link, not as /etc/passwd); broken and looping links
     are listed too, so that check-data and training report them instead of dropping them
@@ -82,7 +95,7 @@ def _folder_images(folder: Path) -> list[str]:
             folders[:] = []
             continue
         seen.add(real)
-        found.extend(os.path.join(top, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES)
+        found.extend(os.path.join(top, n) for n in names if os.path.splitext(n)[1].lower() in suffixes)
     return sorted(_absolute(p) for p in found)
 
 
@@ -120,12 +133,41 @@ def _coco_images(json_path: Path, image_dir: Path | None) -> list[str]:
     if bad is not None:
         raise DataError(f"{json_path}: bad image record (file_name {bad['file_name']!r}): id {bad.get('id')!r} "
                         "is not an integer")
-    by_id = {im["id"]: im for im in images}  # one record per id, as pycocotools' index keeps
-    images = [by_id[i] for i in sorted(by_id)]  # by id: independent of json order
+    if problem := coco_id_problem(images):
+        raise DataError(f"{json_path}: {problem}")
+    images = sorted(images, key=lambda im: im["id"])  # by id: independent of json order
     root = image_dir if image_dir is not None else _coco_image_dir(json_path)
     if not root.is_dir():
         raise DataError(f"{root}: image folder of {json_path} not found (write ANN.json::IMAGE_DIR to name it)")
     return [_absolute(root / im["file_name"]) for im in images]
+
+
+def coco_id_problem(images: list[dict], annotations: list[dict] | None = None) -> str | None:
+    """What makes a COCO file's records ambiguous, or None: an image id or a file name listed
+    twice (the same image twice an epoch, or objects on both sides of a split), an annotation
+    id twice (COCOeval matches by id), an annotation of an image the file does not list. The
+    records' own fields are checked by the caller (ids integers, file names strings)."""
+    seen_ids: dict = {}
+    seen_names: dict = {}
+    for im in images:
+        if im["id"] in seen_ids:
+            return (f"image id {im['id']!r} is listed twice (file_names {seen_ids[im['id']]!r} and "
+                    f"{im['file_name']!r}); expected one record per image")
+        if im["file_name"] in seen_names:
+            return (f"file_name {im['file_name']!r} is listed twice (image ids {seen_names[im['file_name']]!r} and "
+                    f"{im['id']!r}); expected one record per image")
+        seen_ids[im["id"]], seen_names[im["file_name"]] = im["file_name"], im["id"]
+    seen_annotations = set()
+    for a in annotations or []:
+        if not isinstance(a, dict):
+            continue
+        if a.get("id") in seen_annotations:
+            return f"annotation id {a['id']!r} is listed twice; expected one id per annotation"
+        seen_annotations.add(a.get("id"))
+        if "image_id" in a and a["image_id"] not in seen_ids:
+            return (f"annotation {a.get('id')!r} is of image id {a['image_id']!r}, which the file does not list in "
+                    "'images'")
+    return None
 
 
 def _coco_image_dir(json_path: Path) -> Path:

@@ -3,6 +3,8 @@ value or file and what to do, and nothing the user had is overwritten or lost.""
 
 import errno
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -34,8 +36,12 @@ def _one_line_error(capsys, *fragments):
 @pytest.mark.parametrize("overrides, message", [
     (["--optim.momentum=-5"], "optim.momentum must be in [0, 1)"),
     (["--optim.eta=-1"], "optim.eta must be > 0"),
-    (["--data.view1_size=8"], "data.view1_size must be >= 32 px"),
-    (["--data.view2_size=1"], "data.view2_size must be >= 32 px"),
+    (["--data.view1_size=8"], "data.view1_size must be an integer from 32 to 1024 (px: the ResNet's stride"),
+    (["--data.view2_size=1"], "data.view2_size must be an integer from 32 to 1024"),
+    (["--data.view1_size=100000"], "data.view1_size must be an integer from 32 to 1024"),
+    (["--train.seed=-1"], "train.seed must be an integer from 0 to 4294967295"),
+    (["--train.seed=99999999999999999999999"], "train.seed must be an integer from 0 to 4294967295"),
+    (["--train.epochs=1000000000000"], "train.epochs must be an integer from 1 to 100000"),
     (["--loss.grad=unrolled", "--loss.impl=triton"], "loss.grad=unrolled exists only in the PyTorch reference"),
     (["--train.device=cpu", "--loss.impl=triton"], "loss.impl=triton needs CUDA"),
 ])
@@ -529,3 +535,119 @@ def test_no_output_option_overwrites_a_file_of_the_users(tmp_path, demo_json):
     assert _cli("make-demo-data", str(folder), "--num-images", "2", cwd=tmp_path).returncode == 0  # an earlier demo
     (folder / "train2017" / "holiday.jpg").write_bytes(jpeg)  # ... unless it holds files of the user's
     _refused(_cli("make-demo-data", str(folder), cwd=tmp_path), "holds files the demo did not write (holiday.jpg)")
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["make-demo-data", "DIR", "--seed", "-1"], "--seed"),
+    (["make-demo-data", "DIR", "--seed", "99999999999999999999"], "--seed"),
+    (["make-demo-data", "DIR", "--num-images", "1000000000000"], "--num-images"),
+    (["eval", "probe", "x.pth", "--data", "demo", "--seed", "-1"], "--seed"),
+    (["eval", "probe", "x.pth", "--data", "demo", "--size", "100000"], "--size"),
+    (["eval", "probe", "x.pth", "--data", "demo", "--batch-size", "10000000"], "--batch-size"),
+    (["eval", "detect", "random", "--train", "demo", "--val", "demo", "--seed", "-5"], "--seed"),
+    (["eval", "detect", "random", "--train", "demo", "--val", "demo", "--width", "100000000"], "--width"),
+    (["profile", "data", "--images", "1000000000"], "--images"),
+    (["profile", "step", "--batch", "1000000000"], "--batch"),
+    (["profile", "emd", "--iters", "0"], "--iters"),
+    (["eval", "table", "--splits", "0"], "--splits"),
+])
+def test_integer_options_of_every_command_have_a_range(tmp_path, argv, option):
+    """The class, across commands: an integer that numpy, torch, memory or the disk cannot take is
+    argparse's usage and one error line naming the option and its range; nothing is written."""
+    argv = [str(tmp_path / "out") if a == "DIR" else a for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "fastemd.cli", *argv], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"error: argument {option}: expected an integer from " in last and "Traceback" not in proc.stderr, last
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["runs/😀 run", "runs/𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "runs/tab\there", 'runs/q"uote\\back', "runs/del\x7f",
+                                   "runs/é ü ß", "runs/ctrl\x01"])
+def test_any_string_survives_print_config_then_config(tmp_path, value):
+    """`--print-config > FILE` then `--config FILE` gives the same tree for any string a user can pass
+    (characters beyond the Basic Multilingual Plane came back as surrogate escapes TOML refused)."""
+    first = subprocess.run([sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", f"--train.out_dir={value}",
+                            f"--data.sources={value}.json,plain.json", "--print-config"], capture_output=True,
+                           cwd=tmp_path, timeout=120)
+    assert first.returncode == 0, first.stderr.decode()
+    (tmp_path / "c.toml").write_bytes(first.stdout)
+    again = subprocess.run([sys.executable, "-m", "fastemd.cli", "train", "--config", "c.toml", "--print-config"],
+                           capture_output=True, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0, again.stderr.decode()
+    assert again.stdout == first.stdout
+    from fastemd.config import resolve
+
+    cfg = resolve(None, str(tmp_path / "c.toml"), [])
+    assert cfg.train.out_dir == value and cfg.data.sources == [f"{value}.json", "plain.json"]
+
+
+def test_a_path_that_is_not_utf8_is_a_config_error_not_a_broken_config_toml(tmp_path):
+    """A folder name with bytes that are not UTF-8 reaches Python as surrogate escapes, which no
+    UTF-8 file can hold: one line naming the key, before anything is written."""
+    name = os.fsdecode(b"runs/\xff\xfe")
+    proc = subprocess.run([sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", f"--train.out_dir={name}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120, errors="replace")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "train.out_dir: 'runs/\\\\xff\\\\xfe' holds bytes that are not UTF-8" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _coco_with(tmp_path, change):
+    """A copy of a small demo json (its images beside it), changed by `change(coco)`."""
+    root = tmp_path / "coco"
+    source = make_demo_data(tmp_path / "src", num_images=6, seed=3)
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").symlink_to(source.parent.parent / "train2017")
+    coco = json.loads(source.read_text())
+    change(coco)
+    path = root / "annotations" / "instances_train2017.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def _repeat_image_id(coco):
+    coco["images"][3]["id"] = coco["images"][1]["id"]
+
+
+def _repeat_file_name(coco):
+    coco["images"][4]["file_name"] = coco["images"][2]["file_name"]
+
+
+def _repeat_annotation_id(coco):
+    coco["annotations"][5]["id"] = coco["annotations"][0]["id"]
+
+
+def _annotation_of_a_missing_image(coco):
+    coco["annotations"][2]["image_id"] = 999
+
+
+@pytest.mark.parametrize("change, message", [
+    (_repeat_image_id, r"image id 2 is listed twice \(file_names '000000000002.jpg' and '000000000004.jpg'\)"),
+    (_repeat_file_name, r"file_name '000000000003.jpg' is listed twice \(image ids 3 and 5\)"),
+    (_repeat_annotation_id, r"annotation id 1 is listed twice"),
+    (_annotation_of_a_missing_image, r"annotation 3 is of image id 999, which the file does not list in 'images'"),
+], ids=["image id", "file name", "annotation id", "missing image"])
+@pytest.mark.parametrize("command", ["train", "eval probe"])
+def test_coco_files_whose_ids_repeat_or_point_nowhere_are_one_line_errors(tmp_path, change, message, command):
+    """Repeated image ids, file names or annotation ids, and annotations of images the file does not
+    list: one line naming the file and the record, whatever reads the file (training reads only its
+    images: its annotations are no business of it; `eval detect`: tests/test_detect.py, in the
+    evaluation environment)."""
+    path = _coco_with(tmp_path, change)
+    if command == "train":
+        if change in (_repeat_annotation_id, _annotation_of_a_missing_image):
+            pytest.skip("training reads only the images of a COCO file")
+        argv = ["train", "--preset", "demo", f"--data.sources={path}", f"--train.out_dir={tmp_path / 'run'}"]
+    else:
+        from fastemd.eval.probe import random_backbone
+
+        torch.save(random_backbone("resnet18", 8, 0).state_dict(), tmp_path / "backbone.pth")
+        argv = ["eval", "probe", "backbone.pth", "--data", str(path)]
+    proc = subprocess.run([sys.executable, "-m", "fastemd.cli", *argv], capture_output=True, text=True, timeout=180,
+                          cwd=tmp_path)
+    assert proc.returncode in (1, 2), proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(re.escape(str(path)) + r".*: " + message, proc.stderr), proc.stderr
+    assert not (tmp_path / "run").exists()

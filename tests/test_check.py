@@ -78,9 +78,43 @@ def test_check_data_writes_manifest_and_report(tmp_path):
     good = sorted(str((tmp_path / "zoo" / n).resolve()) for n, r in expected.items() if r is None)
     assert resolve_sources([str(manifest)]) == good  # training reads the manifest as a source
     rows = [line.split("\t") for line in report.read_text().splitlines()[1:]]
-    assert sorted(path.rsplit("/", 1)[1] for path, _ in rows) == sorted(n for n, r in expected.items() if r)
-    for path, reason in rows:
+    bad = [(path, reason) for path, reason in rows if not reason.startswith("usable, converted on decode: ")]
+    assert sorted(path.rsplit("/", 1)[1] for path, _ in bad) == sorted(n for n, r in expected.items() if r)
+    for path, reason in bad:
         assert expected[path.rsplit("/", 1)[1]] in reason
+    converted = {path.rsplit("/", 1)[1]: reason for path, reason in rows if (path, reason) not in bad}
+    assert {"cmyk.jpg", "gray16.png", "alpha.png", "exif.jpg"} <= set(converted)  # named, with how
+    assert all(expected[name] is None for name in converted) and "CMYK" in converted["cmyk.jpg"]
+
+
+def test_check_data_names_images_of_other_formats_and_the_converted_ones_on_stdout(tmp_path):
+    """A folder's .gif, .tif, .bmp and .webp files were neither counted nor reported: they are
+    rejected by name now, with what to do; the converted files are named; the summary goes to
+    stdout (errors and the progress bar to stderr)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _rgb().save(folder / "good.jpg")
+    _rgb().convert("CMYK").save(folder / "cmyk.jpg")
+    for name, fmt in (("anim.gif", "GIF"), ("scan.tif", "TIFF"), ("old.bmp", "BMP"), ("web.webp", "WEBP"),
+                      ("deep/scan2.TIFF", "TIFF")):
+        (folder / name).parent.mkdir(exist_ok=True)
+        _rgb().save(folder / name, format=fmt)
+    (folder / "notes.txt").write_text("not an image, not listed")
+    report = tmp_path / "bad.tsv"
+    proc = subprocess.run([sys.executable, "-m", "fastemd.cli", "check-data", str(folder), "--manifest",
+                           str(tmp_path / "m.txt"), "--report", str(report), "--workers", "1", "--no-progress"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("2 usable (1 converted on decode), 5 rejected (5 of another format); manifest: ")
+    for name in ("anim.gif", "scan.tif", "old.bmp", "web.webp", "deep/scan2.TIFF"):
+        assert f"rejected: {folder / name}: not a JPEG or PNG" in proc.stdout, proc.stdout
+    assert f"converted on decode: {folder / 'cmyk.jpg'}: " in proc.stdout
+    rows = dict(line.split("\t") for line in report.read_text().splitlines()[1:])
+    assert "convert it to JPEG or PNG" in rows[str(folder / "anim.gif")] and "notes.txt" not in report.read_text()
+    assert resolve_sources([str(tmp_path / "m.txt")]) == sorted(str(folder / n) for n in ("cmyk.jpg", "good.jpg"))
 
 
 def test_manifest_round_trips_file_names_with_hash_and_spaces(tmp_path):
@@ -111,7 +145,7 @@ def test_camera_mpo_jpegs_are_accepted_and_bracketed_paths_printed_as_is(tmp_pat
     check.add_arguments(parser)
     assert check.run(parser.parse_args([str(folder), "--manifest", str(tmp_path / "m.txt"), "--report",
                                         str(tmp_path / "bad.tsv"), "--workers", "1"])) == 0
-    assert "z[/b].jpg: zero-byte file" in capsys.readouterr().err
+    assert "z[/b].jpg: zero-byte file" in capsys.readouterr().out
 
 
 def test_check_data_names_a_missing_source(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The config tree: presets, strict overrides, TOML files, and their one-line errors."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -61,12 +62,12 @@ def test_overrides_do_not_leak_between_presets():
     ("log.tensorboard=maybe", "log.tensorboard: expected a bool"),
     ("loss.gamma", "must look like --section.key=value"),
     ("loss.impl=cuda", "loss.impl: 'cuda' is not one of auto, triton, torch"),
-    ("data.batch_size=0", "data.batch_size must be > 0"),
-    ("data.batch_size=1", "data.batch_size must be >= 2: BatchNorm needs two samples"),
+    ("data.batch_size=0", "data.batch_size must be an integer from 2 to 65536 (BatchNorm needs two samples"),
+    ("data.batch_size=1", "data.batch_size must be an integer from 2 to 65536 (BatchNorm needs two samples"),
     ("optim.base_lr=nan", "optim.base_lr must be a finite number, got nan"),
     ("loss.gamma=inf", "loss.gamma must be a finite number, got inf"),
-    ("train.max_bad_steps=0", "train.max_bad_steps must be > 0"),
-    ("train.cpu_threads=-1", "train.cpu_threads must be >= 0"),
+    ("train.max_bad_steps=0", "train.max_bad_steps must be an integer from 1 to 1000000"),
+    ("train.cpu_threads=-1", "train.cpu_threads must be an integer from 0 to 4096"),
     ("loss.dense_weight=-1", "loss.dense_weight must be >= 0"),
     ("loss.dense_weight=0,loss.global_weight=0", "loss.dense_weight and loss.global_weight are both 0"),
 ])
@@ -177,3 +178,34 @@ def test_a_config_saved_by_an_earlier_version_still_loads(tmp_path, capsys):
     cfg = C.resolve(None, str(old))
     assert cfg == C.resolve("demo")
     assert "ignoring optim.use_apex (removed: apex is not used" in capsys.readouterr().err
+
+
+def test_every_integer_key_has_a_range():
+    """The class, not the instances: a new integer key without a range fails here."""
+    ints = {f"{section}.{f.name}" for section in C._sections()
+            for f in dataclasses.fields(getattr(C.Config(), section)) if f.type in (int, "int")}
+    assert ints and ints == set(C.INT_RANGES), ints ^ set(C.INT_RANGES)
+    for key, (low, high, why) in C.INT_RANGES.items():
+        section, name = key.split(".")
+        default = getattr(getattr(C.get_preset("demo"), section), name)
+        assert low <= default <= high and why, key  # the presets' own values are in range
+
+
+@pytest.mark.parametrize("override", [
+    "train.seed=-1", "train.seed=4294967296", "train.seed=99999999999999999999999", "data.view1_size=100000",
+    "data.view2_size=1025", "train.epochs=1000000000000", "model.width=100000000", "data.workers=-3",
+    "data.batch_size=1000000000000", "loss.n_iters=0", "log.every=100000000000000000000000", "eval.every=-2",
+    "eval.size=2000", "train.grad_accum=100000", "model.proj_dim=0",
+])
+def test_integers_outside_what_the_run_can_take_are_one_line_errors(override):
+    key = override.split("=")[0]
+    low, high, _ = C.INT_RANGES[key]
+    with pytest.raises(C.ConfigError, match=rf"^{re.escape(key)} must be an integer from {low} to {high} \(.*\), "
+                                            rf"got -?\d+$"):
+        C.resolve("demo", None, [override])
+
+
+def test_the_integer_ranges_ends_are_accepted():
+    cfg = C.resolve("demo", None, ["train.seed=4294967295", "data.view1_size=1024", "data.view2_size=32",
+                                   "eval.every=-1", "train.max_steps=0"])
+    assert (cfg.train.seed, cfg.data.view1_size, cfg.data.view2_size) == (4294967295, 1024, 32)

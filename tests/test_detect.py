@@ -351,3 +351,30 @@ def test_readme_torchrun_line_on_two_ranks(demo, tmp_path):
     assert proc.stdout.count("box AP, tiny schedule") == 1  # rank 0 alone reports
     report = json.loads((tmp_path / "run" / "detect.json").read_text())
     assert report["batch"] == 4 and report["detections"] >= 0
+
+
+
+@needs_torchvision
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["images"][3].update(id=c["images"][1]["id"]), "image id 2 is listed twice"),
+    (lambda c: c["images"][4].update(file_name=c["images"][2]["file_name"]),
+     "file_name '000000000003.jpg' is listed twice (image ids 3 and 5)"),
+    (lambda c: c["annotations"][5].update(id=c["annotations"][0]["id"]), "annotation id 1 is listed twice"),
+    (lambda c: c["annotations"][2].update(image_id=999),
+     "annotation 3 is of image id 999, which the file does not list in 'images'"),
+], ids=["image id", "file name", "annotation id", "missing image"])
+def test_coco_files_whose_ids_repeat_or_point_nowhere_are_one_line_errors(tmp_path, change, message):
+    """The class of tests/test_bad_input.py, for `eval detect`: one line naming the file and the
+    record, before any fine-tune starts."""
+    source = make_demo_data(tmp_path / "src", num_images=6, seed=3)
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").symlink_to(source.parent.parent / "train2017")
+    coco = json.loads(source.read_text())
+    change(coco)
+    path = root / "annotations" / "instances_train2017.json"
+    path.write_text(json.dumps(coco))
+    proc = _fastemd("eval", "detect", "random", "--arch", "resnet18", "--width", "8", "--train", str(path),
+                    "--val", str(path), "--out", str(tmp_path / "det"))
+    _one_line_error(proc, f"--train {path}: {message}")
+    assert not (tmp_path / "det").exists()

@@ -104,19 +104,65 @@ def test_online_and_target_differ(tmp_path):
 
 
 def test_cli_prints_detectron2_config(tmp_path, capsys):
-    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=64")
     assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18.pkl")]) == 0
     out = capsys.readouterr().out
     # widths read off the tensors: detectron2 drops tensors of the wrong shape with a mere warning
-    assert "detectron2 builds resnet18 only with res2 at 64 channels; this one has 8" in out
     for line in ('FORMAT: "RGB"', "STRIDE_IN_1X1: False", "PIXEL_MEAN: [123.675, 116.280, 103.530]",
-                 "PIXEL_STD: [58.395, 57.120, 57.375]", "DEPTH: 18", "STEM_OUT_CHANNELS: 8",
-                 "RES2_OUT_CHANNELS: 8", "WIDTH_PER_GROUP: 8"):
+                 "PIXEL_STD: [58.395, 57.120, 57.375]", "DEPTH: 18", "STEM_OUT_CHANNELS: 64",
+                 "RES2_OUT_CHANNELS: 64", "WIDTH_PER_GROUP: 64"):
         assert line in out
     assert (tmp_path / "r18.pkl").is_file() and not (tmp_path / "r18.pkl.tmp").exists()
+
+
+def test_no_detectron2_config_for_a_backbone_detectron2_cannot_build(tmp_path, capsys):
+    """The demo's width-16 ResNet-18 (here 8): detectron2 rejects R18/R34 with res2 other than 64,
+    so no config is printed (it used to print one after a note), one line says why; the weights
+    are still written (eval detect fine-tunes them)."""
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18.pkl")]) == 0
+    out = capsys.readouterr().out
+    assert "no detectron2 config: detectron2 builds resnet18 only with res2 at 64 channels, and this one has 8" in out
+    assert "MODEL:" not in out and (tmp_path / "r18.pkl").is_file()
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18b.pkl"),
+                 "--recipe-output", str(tmp_path / "r18.yaml")]) == 1  # a config was asked for: it cannot be had
+    assert not (tmp_path / "r18.yaml").exists()
     assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "r18.pth")]) == 0
     out = capsys.readouterr().out
     assert "has width 8, torchvision's have 64" in out and "fastemd.model.resnet('resnet18', width=8)" in out
+
+
+def test_the_recipe_can_be_written_to_a_file_that_is_the_printed_one(tmp_path, capsys):
+    yaml = pytest.importorskip("yaml")
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=64")
+    recipe = tmp_path / "configs" / "selfemd.yaml"
+    argv = ["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "w.pkl"), "--recipe-output",
+            str(recipe)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"wrote the detectron2 config for the COCO 1x fine-tune to {recipe}:" in out
+    assert recipe.read_text() in out and yaml.safe_load(recipe.read_text())["MODEL"]["RESNETS"]["DEPTH"] == 18
+    before = recipe.read_text()
+    assert main([*argv[:4], "--output", str(tmp_path / "w2.pkl"), "--recipe-output", str(recipe)]) == 1
+    assert "exists; pass --force to replace it" in capsys.readouterr().err and recipe.read_text() == before
+    for bad, message in ((str(path), "is the checkpoint or --output"), (str(tmp_path), "is a folder")):
+        assert main([*argv[:4], "--output", str(tmp_path / "w3.pkl"), "--recipe-output", bad]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "t.pth"),
+                 "--recipe-output", str(tmp_path / "t.yaml")]) == 1
+    assert "--recipe-output goes with --format detectron2" in capsys.readouterr().err
+
+
+def test_readme_shows_the_recipe_the_command_prints():
+    """README's sample (for selfemd_r50.pkl) is the template filled for a ResNet-50, to the letter."""
+    from pathlib import Path
+
+    from fastemd.export import DETECTRON2_CONFIG
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sample = readme.split("For `selfemd_r50.pkl` it prints", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    expected = DETECTRON2_CONFIG.format(weights="selfemd_r50.pkl", depth=50, stem=64, res2=256, width=64)
+    assert sample.rstrip("\n") == expected.rstrip("\n")
 
 
 def test_detectron2_recipe_is_the_ssl_fine_tune_and_parses(tmp_path, capsys):

@@ -2,6 +2,7 @@
 steps, two gloo ranks, and the compiled path."""
 
 import json
+import re
 import os
 import signal
 import socket
@@ -917,3 +918,47 @@ def test_out_of_memory_at_an_epoch_boundary_names_prepare_ahead(demo_json, tmp_p
     else:
         with pytest.raises(torch.cuda.OutOfMemoryError):
             train(cfg)
+
+
+def test_resuming_into_other_schedules_is_refused_unless_asked(demo_json, tmp_path, capsys):
+    """A 4-step checkpoint of a 10-epoch run resumed into 40 epochs (or another base lr) would jump
+    the lr at step 4: one line naming what differs and the way out; with
+    train.allow_schedule_change it resumes and says so, and the new schedule holds from step 5."""
+    train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4"))
+    for change, said in (("train.epochs=40", "train.epochs: saved 10, now 40"),
+                         ("optim.base_lr=8.0", "optim.base_lr: saved 16.0, now 8.0")):
+        with pytest.raises(TrainingError, match=rf"saved with other schedules \({re.escape(said)}\): its lr, weight "
+                                                rf"decay and EMA would jump at step 4; resume with fastemd train --config "
+                                                rf".*config.toml --resume auto, or --train.allow_schedule_change=true"):
+            train(tiny_cfg(demo_json, tmp_path, "train.max_steps=6", "train.resume=auto", change))
+    result = train(tiny_cfg(demo_json, tmp_path, "train.max_steps=6", "train.resume=auto", "train.epochs=40",
+                            "train.allow_schedule_change=true"))
+    assert result["step"] == 6 and "with other schedules (train.epochs: saved 10, now 40), as" in capsys.readouterr().out
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    from fastemd.optim import lr_schedule
+
+    assert rows[6]["lr"] == pytest.approx(float(lr_schedule(16.0, 8, 40, 1.0, 4)[5]))  # the new schedule's step 6
+
+
+def test_a_stop_says_so_once_with_the_command_that_continues(demo_json, tmp_path):
+    """SIGTERM: one stop line (it used to be printed twice), the checkpoint, and the resume command;
+    that command, run as printed, continues the run to its end."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastemd.cli", "train", "--preset", "demo", *[f"--{o}" for o in TINY],
+           f"--data.sources={demo_json}", f"--train.out_dir={out}", "--eval.every=0"]  # 10 epochs of 4 steps
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert output.count("stopped by SIGTERM") == 1, output[-2000:]
+    assert re.search(r"fastemd: stopped by SIGTERM at step \d+/40 \(0 skipped\)\n  to continue: .*\n  checkpoint: "
+                     r".*step_\d+\.pt\n", output), output[-2000:]
+    line = next(l for l in output.splitlines() if l.startswith("  to continue: "))
+    assert line == f"  to continue: fastemd train --config {out / 'config.toml'} --resume auto"
+    resumed = subprocess.run([sys.executable, "-m", "fastemd.cli", *line.split(": ", 1)[1].split()[1:]],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0 and "fastemd: finished at step 40/40" in resumed.stdout, resumed.stderr[-2000:]

@@ -15,7 +15,7 @@
 #                            +compile: triton before compile, so the step is compiled once, Triton inside
 #   demo_data (45)           1024 demo images (a folder: no pycocotools needed)
 #   profile_e2e (45)         the real loader into the amp + Triton step, no compile (img/s, data wait)
-#   e2e_epochs (90)          epoch boundaries before/after issue 13: 3 epochs x 8 steps at batch 128
+#   e2e_epochs (90)          epoch boundaries, afresh vs spanning loaders: 3 epochs x 8 steps at batch 128
 #   profile_data (45)        DALI gpu/cpu against the reference loader (only when DALI is installed)
 #   profile_emd_compile (60) the compiled-torch EMD row at the design point B 512, 49x49 (cold compile)
 #   profile_sweep (45)       the largest batch that fits (eager amp + Triton)

@@ -174,18 +174,20 @@ def load_detection_set(source: str | Path, role: str) -> DetectionSet:
                               "and a file_name")
         images.append({"id": record["id"], "path": str(root / record["file_name"]),
                        "width": record.get("width"), "height": record.get("height")})
+    from fastemd.pipelines.sources import coco_id_problem
+
+    ids = [a.get("id") if isinstance(a, dict) else None for a in annotations]
+    if not all(isinstance(i, int) for i in ids):
+        raise DetectError(f"--{role} {path}: an annotation has no integer id; COCOeval needs one integer id per "
+                          "annotation")
+    if problem := coco_id_problem(data["images"], annotations):
+        raise DetectError(f"--{role} {path}: {problem}")
     images.sort(key=lambda r: r["id"])
     known = {r["id"] for r in images}
-    if len(known) != len(images):
-        raise DetectError(f"--{role} {path}: image ids repeat; expected one record per image")
     missing = [r["path"] for r in images if not os.path.isfile(r["path"])]
     if missing:  # found now, not at hour 10 of a fine-tune
         raise DetectError(f"--{role} {path}: {len(missing)} of its {len(images)} images are not in {root} (first: "
                           f"{missing[0]}); write ANN.json::IMAGE_DIR to name the folder")
-    ids = [a.get("id") if isinstance(a, dict) else None for a in annotations]
-    if not all(isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
-        raise DetectError(f"--{role} {path}: annotation ids missing or repeated; COCOeval needs one integer id "
-                          "per annotation")
     boxes: dict[int, list] = {}
     labels: dict[int, list] = {}
     malformed, valid = 0, []
@@ -451,7 +453,7 @@ def coco_ap(data: DetectionSet, results: list[dict]) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastemd.cli import nonneg_int, positive_int
+    from fastemd.cli import int_in, positive_int, seed_int
 
     parser.add_argument("backbone", help="`fastemd export --format torchvision` output (a run's "
                         "backbone_torchvision.pth), a training checkpoint, any torchvision-named ResNet state dict, "
@@ -470,16 +472,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="for a training checkpoint: which backbone (default online)")
     parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
                         help="for 'random': the architecture (default resnet50)")
-    parser.add_argument("--width", type=positive_int, default=64, help="for 'random': the stem width (default 64)")
-    parser.add_argument("--seed", type=nonneg_int, default=0, help="heads' init, data order, flips; 'random' init")
+    parser.add_argument("--width", type=int_in(1, 1024), default=64, help="for 'random': the stem width (default 64)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="heads' init, data order, flips; 'random' init")
     parser.add_argument("--iterations", type=positive_int, default=None, help="override the schedule's length "
                         "(its lr steps scale with it)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
+    parser.add_argument("--batch-size", type=int_in(1, 4096), default=None,
                         help="images per iteration, all ranks together (lr scales linearly; default the schedule's)")
     parser.add_argument("--lr", type=float, default=None, help="base lr at the schedule's batch (default its own)")
     parser.add_argument("--ckpt-every", type=positive_int, default=None,
                         help="iterations between checkpoints (default: the schedule's; one is always written at the end)")
-    parser.add_argument("--workers", type=nonneg_int, default=None, help="loader processes per rank "
+    parser.add_argument("--workers", type=int_in(0, 256), default=None, help="loader processes per rank "
                         "(default 4 on CUDA, 1 on CPU)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dashboard", choices=["auto", "rich", "plain"], default="auto",

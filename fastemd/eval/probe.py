@@ -206,6 +206,11 @@ def _labelled_boxes(coco, path: Path, min_box: int) -> tuple[list[dict], dict, d
             raise ProbeError(f"{path}: '{key}' must be a list of objects (COCO format)")
     if not all("id" in c for c in coco["categories"]):
         raise ProbeError(f"{path}: a category has no 'id' (COCO format: {{\"id\": 1, \"name\": \"person\"}})")
+    from fastemd.pipelines.sources import coco_id_problem
+
+    listed = [im for im in coco["images"] if "id" in im and isinstance(im.get("file_name"), str)]
+    if problem := coco_id_problem(listed, coco["annotations"]):
+        raise ProbeError(f"{path}: {problem}")
     names = {c["id"]: str(c.get("name", c["id"])) for c in coco["categories"]}
     boxes: dict = {}
     malformed = 0
@@ -218,11 +223,7 @@ def _labelled_boxes(coco, path: Path, min_box: int) -> tuple[list[dict], dict, d
         if a.get("iscrowd", 0) or w < min_box or h < min_box or a.get("category_id") not in names:
             continue
         boxes.setdefault(a["image_id"], []).append((x, y, w, h, a["category_id"]))
-    records, seen = [], set()
-    for im in coco["images"]:
-        if im.get("id") in boxes and im["id"] not in seen and isinstance(im.get("file_name"), str):
-            seen.add(im["id"])  # a duplicated image id would put the same objects on both sides
-            records.append(im)
+    records = [im for im in listed if im["id"] in boxes]  # ids and file names once each (checked above)
     records.sort(key=lambda im: (isinstance(im["id"], str), im["id"]))
     return records, boxes, names, malformed
 
@@ -495,21 +496,24 @@ def run_probe(backbone: Backbone, data: ProbeData, splits: int = 3, seed: int = 
 # Command line ---------------------------------------------------------------------------------
 
 
-def _int_at_least(low: int, why: str):
+def _int_in(low: int, high: int, why: str):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low} ({why}), got {text}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high} ({why}), got {text}")
         return value
 
     return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastemd.cli import nonneg_int, positive_int
+    from fastemd.cli import int_in, nonneg_int
+    from fastemd.config import MAX_VIEW_SIZE, SEED_MAX
+
+    positive_int = int_in(1, 1000)  # splits, draws, box sides: small counts
 
     parser.add_argument("backbone", help="a training checkpoint (OUT/checkpoints/step_*.pt) or a torchvision-named "
                         "ResNet state dict (OUT/backbone_torchvision.pth, `fastemd export --format torchvision`)")
@@ -518,18 +522,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'demo': the demo dataset's held-out split ('demo-non-iconic': of its non-iconic scenes)")
     parser.add_argument("--network", default=None, choices=["online", "target"],
                         help="for a training checkpoint: which backbone (default online)")
-    parser.add_argument("--size", type=_int_at_least(32, "the network's stride; 64 and up give C5 maps beyond 1x1"),
+    parser.add_argument("--size", type=_int_in(32, MAX_VIEW_SIZE, "px: the network's stride at least; 64 and up give C5 "
+                        "maps beyond 1x1"),
                         default=96, help="object crops and views are SIZE x SIZE (default 96, the demo's view size; "
                         "224 for a COCO backbone)")
     parser.add_argument("--splits", type=positive_int, default=3, help="grouped splits and random inits (default 3)")
-    parser.add_argument("--seed", type=int, default=0, help="split k uses seed + k (default 0)")
+    parser.add_argument("--seed", type=_int_in(0, SEED_MAX - 1000, "split k uses seed + k"), default=0,
+                        help="split k uses seed + k (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.5, help="share of the images held out (default 0.5)")
     parser.add_argument("--view-draws", type=positive_int, default=4, help="pairs of views of every image per split "
                         "for retrieval, each a retrieval over all images; their mean is reported (default 4)")
     parser.add_argument("--min-box", type=positive_int, default=8, help="smallest box side kept, px (default 8)")
     parser.add_argument("--max-images", type=nonneg_int, default=1000, help="use the first N labelled images "
                         "(default 1000; 0: all)")
-    parser.add_argument("--batch-size", type=_int_at_least(2, "train-mode BatchNorm needs two inputs"), default=128,
+    parser.add_argument("--batch-size", type=_int_in(2, 65536, "train-mode BatchNorm needs two inputs"), default=128,
                         help="images per forward (default 128)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
