@@ -150,7 +150,8 @@ def resolve_data(cfg: Config, env: Env) -> list[str]:
     sources = list(cfg.data.sources)
     if not sources and cfg.preset != "demo":  # an empty $DATA must not train on synthetic scenes
         raise TrainingError(f"data.sources is empty (preset {cfg.preset}): name COCO json files, image folders or "
-                            "manifests, e.g. --data.sources=coco_train.txt; only the demo preset uses the demo dataset")
+                            "manifests, e.g. --data.sources=coco_train.txt (the demo's scenes: --data.sources=demo or "
+                            "demo-non-iconic)")
     from fastemd.demo_data import ensure_demo_data, keyword_scenes
 
     sources = sources or ["demo"]  # the demo preset's own data
