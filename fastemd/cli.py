@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delegated(sub, "check-data", "fastemd.pipelines.check",
                    "check every image of the sources; write a manifest of good files and a report of bad ones")
     _add_delegated(sub, "export", "fastemd.export", "export a pretrained backbone for torchvision or detectron2")
+    _add_delegated(sub, "plot", "fastemd.plot", "draw runs' metrics.jsonl: loss, health, throughput, online probe")
     evaluate = sub.add_parser("eval", help="evaluate a pretrained backbone: probe, table, detect",
                               description="Evaluate a pretrained backbone against a random init of the same shape.")
     esub = evaluate.add_subparsers(dest="what", metavar="WHAT", required=True)
