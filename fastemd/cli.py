@@ -139,7 +139,8 @@ def positive_int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers from 1 to {OPTION_MAX}, "
+                                         f"got {text!r}") from None
     if not values or min(values) < 1 or max(values) > OPTION_MAX:
         raise argparse.ArgumentTypeError(f"expected a comma list of integers from 1 to {OPTION_MAX}, got {text!r}")
     return values

@@ -123,6 +123,8 @@ class LogConfig:
     every: int = 10  # steps between log lines (the only host syncs of the step)
     dashboard: str = "auto"  # "auto" (rich on a terminal), "rich" or "plain"
     tensorboard: bool = False
+    wandb: bool = False  # Weights & Biases (fastemd/tracking.py): one W&B run per run, resumed as one timeline
+    wandb_project: str = "fastemd"
 
 
 @dataclass

@@ -189,16 +189,18 @@ def _fingerprint(files: list[str]) -> str:
 
 
 def _write_run_folder(cfg: Config, out_dir: Path, revision: str, resumed_step: int | None, accum: int,
-                      env: Env) -> None:
+                      env: Env) -> bool:
     """Rank 0: config.toml; at a resume, the checkpoints and metrics past the resumed step set
-    aside (another timeline); at a fresh start, the metrics of an earlier run without checkpoints."""
+    aside (another timeline); at a fresh start, the metrics of an earlier run without checkpoints.
+    Returns whether metrics had been logged past the resumed step (W&B rewinds its run then)."""
     say = print
     metrics_path = out_dir / "metrics.jsonl"
+    logged_past = False
     if resumed_step is not None:  # what lies beyond the step belongs to a timeline this run replaces
         for stale in set_aside_newer(out_dir, resumed_step):
             say(f"fastemd: set aside {stale.name} (numbered above the resumed step)")
         try:
-            _trim_metrics(metrics_path, resumed_step)
+            logged_past = _trim_metrics(metrics_path, resumed_step) > 0
         except OSError as e:
             raise TrainingError(f"cannot rewrite {metrics_path} ({e.strerror or e}); free space, then --resume auto "
                                 "again") from None
@@ -216,6 +218,7 @@ def _write_run_folder(cfg: Config, out_dir: Path, revision: str, resumed_step: i
     except OSError as e:
         raise TrainingError(f"cannot write the run folder {out_dir} ({e.strerror or e}); "
                             "choose another --train.out_dir") from None
+    return logged_past
 
 
 def _agreed(env: Env, error: Exception) -> Exception:
@@ -229,6 +232,11 @@ def _claim_run_folder(cfg: Config, out_dir: Path, lock: "RunLock") -> None:
     checkpoints unless resuming: checked before anything is read or written."""
     if problem := unwritable_folder(out_dir):
         raise TrainingError(f"train.out_dir {out_dir}: {problem}; choose another --train.out_dir")
+    if cfg.log.wandb:
+        from fastemd.tracking import missing
+
+        if why := missing():
+            raise TrainingError(why)
     lock.acquire()  # before anything in out_dir is read or written
     if not cfg.train.resume and list_checkpoints(out_dir):  # before anything of it is overwritten
         raise TrainingError(
@@ -325,12 +333,13 @@ def _accum_keeping_global_batch(state: dict, cfg: Config, world_size: int, sourc
         f"--train.grad_accum={a}")
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def _trim_metrics(path: Path, step: int) -> int:
     """Drop the rows of metrics.jsonl past `step` (logged after the checkpoint a run resumes
-    from, and about to be logged again), and a last line a crash cut short; atomically."""
+    from, and about to be logged again), and a last line a crash cut short; atomically. Returns
+    how many rows past `step` there were."""
     if not path.is_file():
-        return
-    kept = []
+        return 0
+    kept, past = [], 0
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
@@ -338,12 +347,15 @@ def _trim_metrics(path: Path, step: int) -> None:
             continue
         if row.get("step", 0) <= step:
             kept.append(line + "\n")
+        else:
+            past += 1
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves the old file, not a stray copy
+    return past
 
 
 def unwritable_folder(folder: Path) -> str | None:
@@ -617,6 +629,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     # ---- resume -------------------------------------------------------------------------------
     step, epoch, start_in_epoch, skipped = 0, 0, 0, 0
+    wandb_id = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -638,13 +651,14 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 "augmentations")
         say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)"
             + (f"; its state reached the {env.world_size - 1} other rank(s) from rank 0" if env.distributed else ""))
+        wandb_id = state.get("wandb_id")  # the W&B run this run continues, if it logs there
         del state, found  # the loaded copy (host memory the size of the checkpoint) is not needed again
     if start_in_epoch >= steps_per_epoch:
         epoch, start_in_epoch = epoch + 1, 0
     first_step = step
     # rank 0 writes the run folder; a failure there stops every rank (one line)
-    from_rank0(lambda: _write_run_folder(cfg, out_dir, revision, step if resumed_from else None, accum, env),
-               errors=AGREED, what="writing the run folder")
+    logged_past = from_rank0(lambda: _write_run_folder(cfg, out_dir, revision, step if resumed_from else None, accum,
+                                                       env), errors=AGREED, what="writing the run folder")
     if not resumed_from:
         torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seeds for anything random after init
 
@@ -701,6 +715,13 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step + 1 if resumed_from else None)
         except ImportError:
             say("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
+    wb = None
+    if env.main and cfg.log.wandb:  # checked at the start: wandb is importable
+        from fastemd.tracking import WandbRun, read_run_id
+
+        wb = WandbRun(cfg, out_dir, wandb_id or read_run_id(out_dir, None), step if resumed_from else None,
+                      logged_past)
+        say(f"fastemd: W&B run {wb.run_id} (project {cfg.log.wandb_project}; kept in {out_dir / 'wandb_run_id'})")
     say(f"fastemd: {len(files)} images, loader {loader_kind}, {env.world_size} rank(s) on {env.device.type}, "
         f"{'' if cuda else f'{threads} torch thread(s), '}global batch {global_batch}, "
         f"peak lr {global_batch_lr(cfg.optim.base_lr, global_batch):.4g}, "
@@ -752,7 +773,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             "step": step, "epoch": epoch, "step_in_epoch": done_in_epoch, "steps_per_epoch": steps_per_epoch,
             "skipped_steps": skipped, "rng": rng_state(), "config": cfg.to_dict(), "git": revision,
             "world_size": env.world_size, "batch_size": cfg.data.batch_size, "grad_accum": accum,
-            "global_batch": global_batch, "data": data_states,
+            "global_batch": global_batch, "data": data_states, "wandb_id": wb.run_id if wb is not None else None,
         }
         with write_errors():
             writer.save(state, step)
@@ -877,6 +898,8 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                             row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
                             metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
                             metrics_file.flush()
+                        if wb is not None:
+                            wb.log(m, step)
                         if tb is not None:
                             for k in (*keys, *HEALTH_KEYS, "lr", "tau", "images_per_s", "data_wait_pct", *PROBE_KEYS):
                                 if m.get(k) is not None and math.isfinite(m[k]):  # no timing in the first window
@@ -938,6 +961,8 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 metrics_file.close()
             if tb is not None:
                 tb.close()
+            if wb is not None:
+                wb.finish()
 
     last_ckpt = writer.last
     result = {"out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
