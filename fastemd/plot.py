@@ -10,7 +10,9 @@ tau; images/s, data-wait % and what the steps waited for checkpoints; and the on
 EMA backbone's kNN and retrieval, random init's dashed). The log steps where the health warning
 held are shaded. A resumed run is one timeline already: a resume trims `metrics.jsonl` back to its
 step. RUN is a run folder (its `metrics.jsonl`) or a `metrics.jsonl`; `fastemd plot OUT/table.json`
-draws a `fastemd eval table` result instead (bars with every seed). Output: .png, .svg, or .html
+draws a `fastemd eval table` result instead (bars with every seed), and `fastemd plot
+runs/detect/*/detect.json` the box AP of `fastemd eval detect` runs (bars by backbone, the run
+folders' names less `_seedN`, every seed a dot). Output: .png, .svg, or .html
 (the SVG in a page, with the last values of every run); an existing file is replaced only when
 `fastemd plot` wrote it (or with `--force`). matplotlib: `pip install 'fastemd[plot]'`.
 """
@@ -176,6 +178,49 @@ def make_table_figure(table: dict):
     return fig
 
 
+def detect_groups(paths: list[Path]) -> dict[str, list[dict]]:
+    """`fastemd eval detect` reports (detect.json) grouped by backbone: the run folder's name with
+    a trailing `_seedN` left out (runs/detect/selfemd_seed0/detect.json -> selfemd)."""
+    import re
+
+    groups: dict[str, list[dict]] = {}
+    for path in paths:
+        report = json.loads(path.read_text())
+        if "AP" not in report:
+            raise PlotError(f"{path}: not a detect.json of fastemd eval detect (no AP)")
+        name = re.sub(r"_seed\d+$", "", path.resolve().parent.name)
+        groups.setdefault(name, []).append(report)
+    return groups
+
+
+def make_detect_figure(groups: dict[str, list[dict]]):
+    """Box AP, AP50 and AP75 of `fastemd eval detect` runs: a bar per backbone (mean over its runs,
+    whiskers the standard deviation), every run (seed) a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("AP", "AP50", "AP75")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    names = list(groups)
+    for ax, key in zip(axes[0], keys):
+        values = [[r[key] for r in groups[n] if r.get(key) is not None] for n in names]
+        means = [sum(v) / len(v) if v else 0.0 for v in values]
+        spread = [(sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+                  for v, m in zip(values, means)]
+        ax.bar(range(len(names)), means, yerr=spread, capsize=4, color="#bbbbbb", edgecolor="#555555")
+        for i, v in enumerate(values):
+            ax.plot([i] * len(v), v, "o", color="#1f77b4", markersize=4)
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_title(f"box {key} (x100)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    runs = sum(len(v) for v in groups.values())
+    fig.suptitle(f"fastemd eval detect: {runs} run(s) (bars: mean, whiskers: std; dots: runs)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _ours(path: Path) -> bool:
     """Whether `path` is a figure `fastemd plot` wrote (its signature inside), i.e. may be replaced."""
     try:
@@ -232,7 +277,7 @@ def _last(rows: list[dict], key: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders of fastemd train (or their metrics.jsonl), "
-                        "or one table.json of fastemd eval table (its bars)")
+                        "or one table.json of fastemd eval table, or detect.json files of fastemd eval detect")
     parser.add_argument("--output", metavar="FILE.png|.svg|.html",
                         help="where to write the figure (default: the first RUN's metrics.png)")
     parser.add_argument("--force", action="store_true", help="replace --output even if fastemd plot did not write it")
@@ -245,6 +290,20 @@ def run(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("matplotlib") is None:
         return fail("needs matplotlib: pip install 'fastemd[plot]'")
+    reports = [Path(r) for r in args.runs if Path(r).name == "detect.json" and Path(r).is_file()]
+    if reports:  # `fastemd eval detect` results: AP bars by backbone
+        if len(reports) != len(args.runs):
+            return fail("detect.json files are drawn together, without runs or tables; name only detect.json files")
+        try:
+            groups = detect_groups(reports)
+        except (PlotError, ValueError, KeyError, TypeError) as e:
+            return fail(str(e))
+        output = Path(args.output) if args.output else reports[0].parent.parent / "detect.png"
+        if problem := output_problem(output, reports, args.force):
+            return fail(problem)
+        save(make_detect_figure(groups), {name: [{"step": 0}] for name in groups}, output)
+        print(f"wrote {output} ({len(reports)} detect run(s) of {len(groups)} backbone(s))")
+        return 0
     tables = [Path(r) for r in args.runs if Path(r).is_file() and Path(r).suffix == ".json"]
     if tables:  # `fastemd eval table`'s result: its bars
         if len(args.runs) > 1:

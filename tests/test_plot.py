@@ -140,3 +140,22 @@ def test_a_learning_table_is_drawn_as_bars_with_every_seed(tmp_path):
     path.write_text(json.dumps(table))
     proc = _plot(path, cwd=tmp_path)
     assert proc.returncode == 0 and (tmp_path / "table.png").is_file(), proc.stderr
+
+
+def test_detect_reports_are_drawn_as_ap_bars_by_backbone(tmp_path):
+    """`fastemd plot runs/detect/*/detect.json`: the run folders' names less _seedN are the bars."""
+    for name, aps in (("random", [2.7, 2.6, 1.6]), ("selfemd", [9.7, 4.1, 7.0])):
+        for seed, ap in enumerate(aps):
+            folder = tmp_path / "detect" / f"{name}_seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "detect.json").write_text(json.dumps({"AP": ap, "AP50": 3 * ap, "AP75": ap / 2, "seed": seed}))
+    from fastemd.plot import detect_groups, make_detect_figure
+
+    paths = sorted((tmp_path / "detect").glob("*/detect.json"))
+    fig = make_detect_figure(detect_groups(paths))
+    ax = fig.axes[0]
+    assert [round(p.get_height(), 6) for p in ax.patches] == [round(sum(v) / 3, 6) for v in ([2.7, 2.6, 1.6],
+                                                                                            [9.7, 4.1, 7.0])]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["random", "selfemd"]
+    proc = _plot(*paths, cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "detect" / "detect.png").is_file(), proc.stderr
