@@ -2,7 +2,9 @@
 
 On a terminal: a live rich panel with the run and epoch progress bars (one ETA: the trainer's, from
 the timed steps) and a table of the last log step's metrics, the loss and its parts smoothed alike
-(EMA over log steps, so that they add up). Elsewhere (CI, SLURM logs, `| tee`): one plain line per log step,
+(EMA over log steps: the loss is the parts weighted by loss.dense_weight and loss.global_weight,
+so at weights 1 the smoothed values add up as the raw ones do). Elsewhere (CI, SLURM logs,
+`| tee`): one plain line per log step,
 
     step 120/3200 | epoch 3/80 | loss 1.2345 (emd 0.8123 glob 0.4222) | sim 0.5938 | gap +0.112/+0.204 |
     spread 0.71/0.83 | rank 41.2 | lr 0.0812 | tau 0.99612 | 412.3 ms/step | 621 img/s | data 1.2% |
@@ -118,7 +120,8 @@ class Dashboard:
 
         mfu = m.get("mfu")
         rows = [
-            # the loss and its parts smoothed alike (EMA over log steps): they add up, as the raw ones do
+            # the loss and its parts smoothed alike (EMA over log steps): at loss weights 1 they add up,
+            # as the raw ones do
             ("loss (EMA)", get("loss_smooth", "{:.4f}"), "emd (EMA)", get("loss_emd_smooth", "{:.4f}"),
              "global (EMA)", get("loss_global_smooth", "{:.4f}")),
             ("similarity", get("similarity", "{:.4f}"), "lr", get("lr", "{:.4g}"), "tau", get("tau", "{:.5f}")),

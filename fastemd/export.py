@@ -197,10 +197,27 @@ def _recipe_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _no_recipe(arch: str, res2: int) -> str | None:
+    """Why detectron2 cannot build this backbone (its R18/R34 take res2 at 64 channels only), or None."""
+    if arch in ("resnet18", "resnet34") and res2 != 64:
+        return (f"detectron2 builds {arch} only with res2 at 64 channels, and this one has {res2} (model.width "
+                f"{res2}); `fastemd eval detect` fine-tunes any width")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if problem := _recipe_problem(args):
         print(f"fastemd export: error: {problem}", file=sys.stderr)
         return 1
+    if args.recipe_output:  # a config that cannot be had: said before the weights are written
+        try:
+            model = (load_checkpoint(args.checkpoint).get("config") or {}).get("model") or {}
+        except CheckpointError as e:
+            print(f"fastemd export: error: {e}", file=sys.stderr)
+            return 1
+        if why := _no_recipe(model.get("arch", "resnet50"), model.get("width", 64)):
+            print(f"fastemd export: error: --recipe-output: no detectron2 config: {why}", file=sys.stderr)
+            return 1
     try:
         info = export_checkpoint(args.checkpoint, args.output, args.format, args.network, args.force)
     except (CheckpointError, ValueError, OSError) as e:
@@ -209,11 +226,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {info['tensors']} tensors of the {info['network']} {info['arch']} backbone "
           f"(step {info['step']}) to {info['output']} ({info['format']})")
     if args.format == "detectron2":
-        if info["arch"] in ("resnet18", "resnet34") and info["res2"] != 64:
+        if why := _no_recipe(info["arch"], info["res2"]):
             # detectron2 rejects the config (RES2_OUT_CHANNELS = 64 for R18/R34): no recipe for it
-            print(f"no detectron2 config: detectron2 builds {info['arch']} only with res2 at 64 channels, and this "
-                  f"one has {info['res2']} (model.width {info['stem']}); `fastemd eval detect` fine-tunes any width")
-            return 0 if not args.recipe_output else 1
+            print(f"no detectron2 config: {why}")
+            return 0
         # an absolute WEIGHTS path: detectron2's train_net.py runs from its own checkout
         recipe = DETECTRON2_CONFIG.format(weights=Path(info["output"]).resolve(), depth=_DEPTH.get(info["arch"], 50),
                                           stem=info["stem"], res2=info["res2"], width=info["width"])

@@ -104,7 +104,9 @@ class HealthMonitor:
     """Turns the log steps' signals into a warning (a string), or None while healthy, from the
     signals smoothed over log steps (SMOOTHING: about the last WINDOW log steps), never one batch.
 
-    - collapse: the smoothed dense or global spread below SPREAD_MIN past the lr warm-up;
+    - collapse: the smoothed dense or global spread below SPREAD_MIN past the lr warm-up, or the
+      raw one below it in 3 log steps in a row (a healthy run's smoothed spread would take ~20 log
+      steps to follow a collapse);
     - no instance specificity: every branch's smoothed gap below GAP_MIN, judged from `judge_from`
       on: past the warm-up by the warm-up's length or 15% of the run, whichever is longer (at least
       three log steps), since a learning run opens its gap only some time after the warm-up (the
@@ -121,6 +123,7 @@ class HealthMonitor:
         self.seen = 0  # log steps smoothed so far (a resumed run starts again: judged after a few)
         self.warning: str | None = None
         self.raised: list[tuple[int, int | None]] = []  # (step raised, step cleared or None)
+        self.low_spread_in_row = 0  # log steps in a row with a raw spread below spread_min
 
     def _smooth(self, m: dict) -> None:
         for key in ("gap_dense", "gap_global", "spread_dense", "spread_global", "rank"):
@@ -132,6 +135,9 @@ class HealthMonitor:
     def update(self, step: int, m: dict) -> str | None:
         self.seen += 1
         self._smooth(m)
+        raw = [m.get(f"spread_{k}") for k in ("dense", "global")]
+        low = any(_finite(v) and v < self.spread_min for v in raw)
+        self.low_spread_in_row = self.low_spread_in_row + 1 if low else 0
         warning = self._judge(step)
         if warning and not self.warning:
             self.raised.append((step, None))
@@ -143,8 +149,13 @@ class HealthMonitor:
     def _judge(self, step: int) -> str | None:
         if step <= self.warmup_steps:
             return None
+        # collapse: the smoothed spread below the bar, or the raw one for 3 log steps in a row (a
+        # collapse after a healthy run takes the smoothed spread ~20 log steps to follow)
         spreads = {k: self.smoothed.get(f"spread_{k}") for k in ("dense", "global")}
         low = [f"{k} {v:.3f}" for k, v in spreads.items() if _finite(v) and v < self.spread_min]
+        if not low and self.low_spread_in_row >= 3:
+            low = [f"{k} {v:.3f} (smoothed; below {self.spread_min} in the last 3 log steps)"
+                   for k, v in spreads.items() if _finite(v)]
         if low:
             return (f"collapse: the target projections' spread (per-channel std x sqrt(D), smoothed; 1 healthy, 0 "
                     f"collapsed) is {', '.join(low)}; lower optim.base_lr or raise ema.tau_base")

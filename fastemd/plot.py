@@ -116,6 +116,8 @@ def make_figure(runs: dict[str, list[dict]]):
     import matplotlib.pyplot as plt
 
     panels = [p for p in PANELS if any(_series(rows, key)[0] for rows in runs.values() for key, _, _ in p[2])]
+    if not panels:
+        raise PlotError(f"{', '.join(runs)}: no finite values to draw in any metric")
     cols = 2
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(13, 2.9 * nrows), sharex=True, squeeze=False)
@@ -130,7 +132,10 @@ def make_figure(runs: dict[str, list[dict]]):
                     ax.plot(steps, values, style, color=colour, marker=marker, markersize=3,
                             label=f"{name}: {label}" if len(runs) > 1 else label)
             for first, last in _warning_spans(rows):
-                ax.axvspan(first, last, color=colour, alpha=0.08, lw=0)
+                if first == last:  # held for one log step: a line, not a span of no width
+                    ax.axvline(first, color=colour, alpha=0.3, lw=2)
+                else:
+                    ax.axvspan(first, last, color=colour, alpha=0.08, lw=0)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
         if scale == "log":
@@ -222,12 +227,19 @@ def make_detect_figure(groups: dict[str, list[dict]]):
 
 
 def _ours(path: Path) -> bool:
-    """Whether `path` is a figure `fastemd plot` wrote (its signature inside), i.e. may be replaced."""
+    """Whether `path` is a figure `fastemd plot` wrote, i.e. may be replaced: its signature where
+    it writes it (a PNG's Software text chunk, an SVG's title, an HTML page's first line)."""
     try:
         head = path.read_bytes()[:200_000]
     except OSError:
         return False
-    return SIGNATURE.encode() in head
+    marks = {".png": b"tEXtSoftware\x00" + SIGNATURE.encode(), ".svg": f"<dc:title>{SIGNATURE}</dc:title>".encode(),
+             ".html": _HTML_HEAD.encode()}
+    mark = marks.get(path.suffix.lower())
+    return mark is not None and (head.startswith(mark) if path.suffix.lower() == ".html" else mark in head)
+
+
+_HTML_HEAD = f"<!doctype html><meta charset=utf-8><title>{SIGNATURE}</title>"
 
 
 def output_problem(path: Path, inputs: list[Path], force: bool) -> str | None:
@@ -250,18 +262,18 @@ def save(fig, runs: dict[str, list[dict]], path: Path) -> None:
         if suffix == ".png":
             fig.savefig(tmp, format="png", dpi=110, metadata={"Software": SIGNATURE})
         elif suffix == ".svg":
-            fig.savefig(tmp, format="svg", metadata={"Creator": SIGNATURE})
+            fig.savefig(tmp, format="svg", metadata={"Title": SIGNATURE})
         else:
             import io
 
             buffer = io.StringIO()
-            fig.savefig(buffer, format="svg", metadata={"Creator": SIGNATURE})
+            fig.savefig(buffer, format="svg", metadata={"Title": SIGNATURE})
             rows = "".join(
                 f"<tr><td>{html.escape(name)}</td><td>{r[-1]['step']}</td>"
                 + "".join(f"<td>{_last(r, k)}</td>" for k in ("loss", "gap_dense", "gap_global", "probe_knn"))
                 + "</tr>" for name, r in runs.items())
             tmp.write_text(
-                f"<!doctype html><meta charset=utf-8><title>{SIGNATURE}</title>\n"
+                f"{_HTML_HEAD}\n"
                 f"<h1>{html.escape(', '.join(runs))}</h1>\n{buffer.getvalue()}\n"
                 "<table border=1><tr><th>run</th><th>last step</th><th>loss</th><th>gap dense</th><th>gap global</th>"
                 f"<th>probe kNN</th></tr>{rows}</table>\n", encoding="utf-8")
@@ -329,7 +341,10 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else paths[0].parent / "metrics.png"
     if problem := output_problem(output, paths, args.force):
         return fail(problem)
-    fig = make_figure(runs)
+    try:
+        fig = make_figure(runs)
+    except PlotError as e:
+        return fail(str(e))
     try:
         save(fig, runs, output)
     except OSError as e:

@@ -4,7 +4,10 @@ The W&B run id is made once, kept in OUT/wandb_run_id and in every checkpoint, s
 after a preemption continues the same W&B run, at the resumed step: when the interrupted run had
 logged past the checkpoint, the W&B run is rewound to the checkpoint's step (`resume_from`), as
 `metrics.jsonl` drops its rows past it, so that the history is one timeline, not a restart or a
-second copy of the steps logged twice. Rank 0 alone logs: the metrics of every log step (what
+second copy of the steps logged twice. Rewinding is a W&B server feature (in preview, not on every
+self-managed server): where it is refused, the run continues without it, and W&B keeps the steps
+it had up to its last one (said in one line). `--resume PATH` into another run folder, and a fresh
+start, begin a W&B run of their own. Rank 0 alone logs: the metrics of every log step (what
 `metrics.jsonl` holds; the health warning as `health_warning_on`, its text in the run's summary)
 and the resolved config. `WANDB_MODE=offline` works without a network (the tests use it; `wandb
 sync` uploads later).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 import uuid
 from pathlib import Path
 
@@ -27,14 +31,18 @@ def missing() -> str | None:
     return None
 
 
-def read_run_id(out_dir: Path, state: dict | None) -> str | None:
-    """The W&B run id of this fastemd run: the checkpoint's, else OUT/wandb_run_id's, else None."""
-    if state and state.get("wandb_id"):
-        return str(state["wandb_id"])
+def run_id_to_continue(out_dir: Path, checkpoint: str | None, saved_id: str | None) -> str | None:
+    """The W&B run a resumed fastemd run continues: the id its checkpoint saved, when the checkpoint
+    is this run folder's own (`--resume PATH` into another folder starts a W&B run of its own, as it
+    starts a fastemd run of its own); else OUT/wandb_run_id's, for a checkpoint written before that
+    key. A fresh start continues nothing (a wandb_run_id left by a run that never checkpointed is
+    replaced)."""
+    if checkpoint is None or Path(checkpoint).resolve().parent.parent != out_dir.resolve():
+        return None
+    if saved_id:
+        return str(saved_id)
     path = out_dir / RUN_ID_FILE
-    if path.is_file():
-        return path.read_text().strip() or None
-    return None
+    return (path.read_text().strip() or None) if path.is_file() else None
 
 
 class WandbRun:
@@ -48,10 +56,20 @@ class WandbRun:
         (out_dir / RUN_ID_FILE).write_text(self.run_id + "\n")
         common = dict(project=cfg.log.wandb_project, id=self.run_id, dir=str(out_dir), config=cfg.to_dict(),
                       name=out_dir.resolve().name)
+        self.rewound = False
         if resumed_step is not None and run_id and logged_past:
-            # the interrupted run logged past its checkpoint: rewind to it (metrics.jsonl drops those rows too)
-            self.run = wandb.init(resume_from=f"{self.run_id}?_step={resumed_step}", **common)
-        else:
+            # the interrupted run logged past its checkpoint: rewind to it (metrics.jsonl drops those
+            # rows too). Rewinding is a feature W&B's server may not offer (it is in preview, and not on
+            # every self-managed server): where refused, the run continues unrewound, and W&B drops
+            # the steps logged again up to its last one.
+            try:
+                self.run = wandb.init(resume_from=f"{self.run_id}?_step={resumed_step}", **common)
+                self.rewound = True
+            except Exception as e:  # noqa: BLE001 - any refusal of the rewind; the plain resume below
+                print(f"fastemd: W&B would not rewind run {self.run_id} to step {resumed_step} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:150] if str(e) else ''}); continuing it without the rewind: W&B "
+                      "keeps its steps up to the last one logged", file=sys.stderr)
+        if not self.rewound:
             self.run = wandb.init(resume="allow", **common)
 
     def log(self, metrics: dict, step: int) -> None:

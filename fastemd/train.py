@@ -279,8 +279,8 @@ def _read_checkpoint_to_resume(cfg: Config, out_dir: Path, num_files: int,
             raise TrainingError(
                 f"{path}: written by fastemd {state.get('git', 'of an older revision')}, whose epochs with "
                 f"data.drop_last=false and train.grad_accum {layout['grad_accum']} had {saved} steps; this version "
-                f"cuts an epoch into whole global batches ({steps} steps), so the schedules would not continue: resume it "
-                "with that revision, or start a new out_dir")
+                f"cuts an epoch into whole global batches ({steps} steps), so the schedules would not continue: "
+                "resume it with that revision, or start a new out_dir")
         raise TrainingError(
             f"{path}: saved with {saved} steps per epoch, this run has {steps} of the same global batch "
             f"({cfg.data.batch_size * world_size * accum} images from {num_files}, data.drop_last="
@@ -419,7 +419,8 @@ def _check_same_schedule(state: dict, cfg: Config, source) -> None:
         return
     if cfg.train.allow_schedule_change:
         print(f"fastemd: resuming {source} with other schedules ({'; '.join(differ)}), as "
-              "train.allow_schedule_change=true asks: the lr, weight decay and EMA follow the new ones from its step on")
+              "train.allow_schedule_change=true asks: the lr, weight decay and EMA follow the new ones from its "
+              "step on")
         return
     run_dir = Path(source).resolve().parent.parent
     own = (f"fastemd train --config {run_dir / 'config.toml'} --resume auto" if (run_dir / "config.toml").is_file()
@@ -717,9 +718,9 @@ def _train(cfg: Config, lock: RunLock) -> dict:
             say("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
     wb = None
     if env.main and cfg.log.wandb:  # checked at the start: wandb is importable
-        from fastemd.tracking import WandbRun, read_run_id
+        from fastemd.tracking import WandbRun, run_id_to_continue
 
-        wb = WandbRun(cfg, out_dir, wandb_id or read_run_id(out_dir, None), step if resumed_from else None,
+        wb = WandbRun(cfg, out_dir, run_id_to_continue(out_dir, resumed_from, wandb_id), step if resumed_from else None,
                       logged_past)
         say(f"fastemd: W&B run {wb.run_id} (project {cfg.log.wandb_project}; kept in {out_dir / 'wandb_run_id'})")
     say(f"fastemd: {len(files)} images, loader {loader_kind}, {env.world_size} rank(s) on {env.device.type}, "
@@ -865,7 +866,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                                    else torch.full((len(HEALTH_KEYS),), float("nan"), device=env.device))
                         means = torch.cat([window / window_steps, signals]).tolist()  # syncs: log steps only
                         m = dict(zip(keys + HEALTH_KEYS, means))
-                        m.update(step=step, total_steps=run_steps, epoch=epoch, epochs=cfg.train.epochs,
+                        m.update(step=step, total_steps=run_steps, epoch=epoch, epochs=last_epoch + 1,
                                  step_in_epoch=step_in_epoch + 1, loss_smooth=smooth["loss"].update(m["loss"]),
                                  loss_emd_smooth=smooth["loss_emd"].update(m["loss_emd"]),
                                  loss_global_smooth=smooth["loss_global"].update(m["loss_global"]),
@@ -993,8 +994,11 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         say(f"  checkpoint: {result['checkpoint']}")
         say(f"  metrics:    {result['metrics']}")
         if "backbone" in result:
-            say(f"  backbone:   {result['backbone']} (torchvision resnet state dict; "
-                f"`fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)")
+            # detectron2 builds ResNet-18/34 with res2 at 64 channels only (the demo's is narrower)
+            detectron2 = cfg.model.arch not in ("resnet18", "resnet34") or cfg.model.width == 64
+            say(f"  backbone:   {result['backbone']} (torchvision resnet state dict"
+                + (f"; `fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)"
+                   if detectron2 else "; `fastemd eval detect` fine-tunes it)"))
         if last_metrics:
             say(f"  health:     {monitor.summary()}")
         if probes:

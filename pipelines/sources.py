@@ -67,7 +67,11 @@ def resolve_sources(sources: list[str] | str) -> list[str]:
         else:
             found = _manifest_images(path)
         if not found:
-            raise DataError(f"{path}: no images found (expected at least one .jpg, .jpeg or .png)")
+            others = unsupported_images([str(path)]) if path.is_dir() else []
+            kinds = ", ".join(sorted({Path(o).suffix.lower() for o in others}))
+            held = (f"; it holds {len(others)} image(s) of other formats ({kinds}): convert them to JPEG or PNG"
+                    if others else "")
+            raise DataError(f"{path}: no images found (expected at least one .jpg, .jpeg or .png){held}")
         files.extend(found)
     return files
 
@@ -144,29 +148,40 @@ def _coco_images(json_path: Path, image_dir: Path | None) -> list[str]:
 
 def coco_id_problem(images: list[dict], annotations: list[dict] | None = None) -> str | None:
     """What makes a COCO file's records ambiguous, or None: an image id or a file name listed
-    twice (the same image twice an epoch, or objects on both sides of a split), an annotation
-    id twice (COCOeval matches by id), an annotation of an image the file does not list. The
-    records' own fields are checked by the caller (ids integers, file names strings)."""
+    twice (the same image twice an epoch, or objects on both sides of a split), an annotation id
+    listed twice (COCOeval matches by id; annotations without an id are the caller's business),
+    an annotation of an image the file does not list, an id that is not a number or a string."""
     seen_ids: dict = {}
     seen_names: dict = {}
     for im in images:
-        if im["id"] in seen_ids:
-            return (f"image id {im['id']!r} is listed twice (file_names {seen_ids[im['id']]!r} and "
-                    f"{im['file_name']!r}); expected one record per image")
-        if im["file_name"] in seen_names:
-            return (f"file_name {im['file_name']!r} is listed twice (image ids {seen_names[im['file_name']]!r} and "
-                    f"{im['id']!r}); expected one record per image")
-        seen_ids[im["id"]], seen_names[im["file_name"]] = im["file_name"], im["id"]
+        if not isinstance(im, dict) or "id" not in im:
+            continue
+        image_id, name = im["id"], im.get("file_name")
+        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+            return f"image id {image_id!r} is not an integer or a string"
+        if image_id in seen_ids:
+            return (f"image id {image_id!r} is listed twice (file_names {seen_ids[image_id]!r} and {name!r}); "
+                    "expected one record per image")
+        if isinstance(name, str) and name in seen_names:
+            return (f"file_name {name!r} is listed twice (image ids {seen_names[name]!r} and {image_id!r}); "
+                    "expected one record per image")
+        seen_ids[image_id] = name
+        if isinstance(name, str):
+            seen_names[name] = image_id
     seen_annotations = set()
     for a in annotations or []:
         if not isinstance(a, dict):
             continue
-        if a.get("id") in seen_annotations:
-            return f"annotation id {a['id']!r} is listed twice; expected one id per annotation"
-        seen_annotations.add(a.get("id"))
-        if "image_id" in a and a["image_id"] not in seen_ids:
-            return (f"annotation {a.get('id')!r} is of image id {a['image_id']!r}, which the file does not list in "
-                    "'images'")
+        if "id" in a:
+            if not isinstance(a["id"], (int, str)) or isinstance(a["id"], bool):
+                return f"annotation id {a['id']!r} is not an integer or a string"
+            if a["id"] in seen_annotations:
+                return f"annotation id {a['id']!r} is listed twice; expected one id per annotation"
+            seen_annotations.add(a["id"])
+        image_id = a.get("image_id")
+        if isinstance(image_id, (int, str)) and not isinstance(image_id, bool) and image_id not in seen_ids:
+            return (f"annotation {a.get('id', '(no id)')!r} is of image id {image_id!r}, which the file does not "
+                    "list in 'images'")
     return None
 
 

@@ -126,7 +126,8 @@ def test_no_detectron2_config_for_a_backbone_detectron2_cannot_build(tmp_path, c
     assert "MODEL:" not in out and (tmp_path / "r18.pkl").is_file()
     assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18b.pkl"),
                  "--recipe-output", str(tmp_path / "r18.yaml")]) == 1  # a config was asked for: it cannot be had
-    assert not (tmp_path / "r18.yaml").exists()
+    assert "--recipe-output: no detectron2 config" in capsys.readouterr().err
+    assert not (tmp_path / "r18.yaml").exists() and not (tmp_path / "r18b.pkl").exists()  # said before writing
     assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "r18.pth")]) == 0
     out = capsys.readouterr().out
     assert "has width 8, torchvision's have 64" in out and "fastemd.model.resnet('resnet18', width=8)" in out

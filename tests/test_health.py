@@ -205,3 +205,17 @@ def test_a_run_that_cannot_learn_keeps_its_warning_and_says_so_at_the_end():
     assert summary.startswith("smoothed over about the last 10 log steps: instance gap dense ")
     assert f"health warning raised 1 time(s) (step {logged[first][0]} on), holding at the end: not learning" in summary
     assert "(1 as spread as random directions, 0 collapsed); rank 16.2" in summary
+
+
+def test_a_collapse_after_a_healthy_run_is_warned_within_three_log_steps():
+    """Spread 0.8 for 60 log steps, then 0.02: the raw spread below 0.1 three log steps in a row
+    raises the collapse warning (the smoothed one alone would take about 20 log steps)."""
+    monitor = HealthMonitor(warmup_steps=10, total_steps=2000, log_every=10)
+    healthy = dict(gap_dense=0.2, gap_global=0.3, spread_dense=0.8, spread_global=0.8)
+    assert all(monitor.update(s, healthy) is None for s in range(10, 610, 10))
+    collapsed = dict(gap_dense=0.0, gap_global=0.0, spread_dense=0.02, spread_global=0.02)
+    assert monitor.update(610, collapsed) is None and monitor.update(620, collapsed) is None
+    warning = monitor.update(630, collapsed)
+    assert warning is not None and warning.startswith("collapse") and "in the last 3 log steps" in warning
+    # one good batch: the raw count starts again, and the smoothed spread (about 0.6) is above the bar
+    assert monitor.update(640, healthy) is None and 0.5 < monitor.smoothed["spread_dense"] < 0.7

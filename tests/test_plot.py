@@ -4,7 +4,6 @@ steps), not by pixels; made from real runs of the trainer: one, two overlaid, on
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -98,6 +97,16 @@ def test_the_command_writes_png_svg_html_and_replaces_only_its_own(runs, tmp_pat
         assert proc.returncode == 0 and out.is_file(), proc.stderr
     page = (tmp_path / "both.html").read_text()
     assert "<svg" in page and "<td>seed0</td><td>8</td>" in page
+    notes = tmp_path / "notes.html"
+    notes.write_text("<html>My notes on fastemd plot usage</html>")  # names the tool, is not its figure
+    proc = _plot(seed0, "--output", notes, cwd=tmp_path)
+    assert proc.returncode == 2 and "exists and is not a figure of fastemd plot" in proc.stderr
+    assert notes.read_text() == "<html>My notes on fastemd plot usage</html>"
+    nothing = tmp_path / "nan" / "metrics.jsonl"
+    nothing.parent.mkdir()
+    nothing.write_text('{"step": 10, "loss": null, "gap_dense": null}\n')
+    proc = _plot(nothing, "--output", tmp_path / "n.png", cwd=tmp_path)
+    assert proc.returncode == 2 and "no finite values to draw" in proc.stderr and proc.stderr.count("\n") == 1
     mine = tmp_path / "mine.png"
     mine.write_bytes(b"\x89PNG not a plot of fastemd")
     for args, message in (([seed0, "--output", mine], "exists and is not a figure of fastemd plot; pass --force"),

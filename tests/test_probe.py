@@ -299,6 +299,8 @@ def test_learning_table_bad_arguments_are_one_line_errors(tmp_path, capsys):
                           (["--seeds", ","], "--seeds must be integers"),
                           (["--seeds", "a,b"], "--seeds must be integers"),
                           (["--seeds", "0,1,0"], "--seeds names a seed twice"),
+                          (["--seeds", "0,-1"], "--seeds must be integers from 0 to 4294967295"),
+                          (["--seeds", "4294967296"], "--seeds must be integers from 0 to 4294967295"),
                           (["--out", str(tmp_path / "t"), "loss.gama=1"], "unknown config key 'loss.gama'")):
         assert main(["eval", "table", *argv]) == 2
         err = capsys.readouterr().err

@@ -109,3 +109,24 @@ def test_without_wandb_it_is_one_line_before_anything_is_written(tmp_path):
     assert proc.stderr == ("fastemd: error: log.wandb=true needs the wandb package: pip install 'fastemd[wandb]' "
                            "(or --log.wandb=false)\n")
     assert not out.exists()
+
+
+def test_only_a_resume_of_this_folder_continues_its_wandb_run(tmp_path):
+    """A fresh start into a folder holding the wandb_run_id of a run that never checkpointed, and
+    --resume PATH from another run's folder, begin W&B runs of their own (they used to continue the
+    old one, whose steps W&B would then drop)."""
+    import os
+
+    data = make_demo_data(tmp_path / "data", num_images=32, seed=0)
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "wandb_run_id").write_text("oldrun123\n")
+    assert _train(stale, data, "--train.max_steps=2", env=env).returncode == 0
+    fresh_id = (stale / "wandb_run_id").read_text().strip()
+    assert fresh_id != "oldrun123" and [p["id"] for p in _offline_runs(stale)] == [fresh_id]
+    other = tmp_path / "other"
+    proc = _train(other, data, "--train.max_steps=3", "--resume", str(list_checkpoints(stale)[-1]), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    other_id = (other / "wandb_run_id").read_text().strip()
+    assert other_id != fresh_id and [p["id"] for p in _offline_runs(other)] == [other_id]

@@ -208,9 +208,9 @@ def _labelled_boxes(coco, path: Path, min_box: int) -> tuple[list[dict], dict, d
         raise ProbeError(f"{path}: a category has no 'id' (COCO format: {{\"id\": 1, \"name\": \"person\"}})")
     from fastemd.pipelines.sources import coco_id_problem
 
-    listed = [im for im in coco["images"] if "id" in im and isinstance(im.get("file_name"), str)]
-    if problem := coco_id_problem(listed, coco["annotations"]):
+    if problem := coco_id_problem(coco["images"], coco["annotations"]):
         raise ProbeError(f"{path}: {problem}")
+    listed = [im for im in coco["images"] if "id" in im and isinstance(im.get("file_name"), str)]
     names = {c["id"]: str(c.get("name", c["id"])) for c in coco["categories"]}
     boxes: dict = {}
     malformed = 0

@@ -180,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--seeds must be integers separated by commas, got {args.seeds!r}")
     if len(set(seeds)) != len(seeds):  # one run folder a seed; a seed twice would count one run twice
         return fail(f"--seeds names a seed twice ({args.seeds}); each seed once")
+    from fastemd.config import SEED_MAX
+
+    if not all(0 <= s <= SEED_MAX for s in seeds):  # found now, not after the first seed's runs
+        return fail(f"--seeds must be integers from 0 to {SEED_MAX}, got {args.seeds}")
     base = resolve("demo", None, list(args.overrides))  # validated before anything is written
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
