@@ -185,18 +185,20 @@ def from_rank0(decide: Callable[[], object], *, errors: tuple[type, ...], what: 
     return shared["value"]
 
 
-def on_every_rank(work: Callable[[], object], *, errors: tuple[type, ...], what: str) -> list:
+def on_every_rank(work: Callable[[], object], *, errors: tuple[type, ...], what: str, share: bool = True):
     """Run `work()` on every rank; return every rank's value (a list by rank: small, picklable
-    values). If any rank fails with one of `errors`, every rank raises: the lowest failing rank
-    its own error, the others that class with one line naming that rank, its host and its
-    message (marked `from_other_rank`, their own error too: a failure every rank meets alike is
-    said once per node, not once per rank). Any other error (an interrupt too) is raised on its
-    rank as it is and stops the others with a RankFailure. Without a process group: [work()]."""
+    values), or with `share=False` this rank's own (a loader, a model: nothing crosses ranks). If
+    any rank fails with one of `errors`, every rank raises: the lowest failing rank its own
+    error, the others that class with one line naming that rank, its host and its message (marked
+    `from_other_rank`, their own error too: a failure every rank meets alike is said once per
+    node, not once per rank). Any other error (an interrupt too) is raised on its rank as it is
+    and stops the others with a RankFailure. Without a process group: [work()] (or work())."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [work()]
-    failure, report = None, ("ok", None)
+        return [work()] if share else work()
+    failure, report, own = None, ("ok", None), None
     try:
-        report = ("ok", work())
+        own = work()
+        report = ("ok", own if share else None)
     except errors as e:
         failure, report = e, ("error", (type(e), str(e)))
     except BaseException as e:
@@ -205,7 +207,7 @@ def on_every_rank(work: Callable[[], object], *, errors: tuple[type, ...], what:
     dist.all_gather_object(gathered, (socket.gethostname(), report))
     failed = [r for r, (_, (outcome, _)) in enumerate(gathered) if outcome != "ok"]
     if not failed:
-        return [value for _, (_, value) in gathered]
+        return [value for _, (_, value) in gathered] if share else own
     first = failed[0]
     if failure is not None and (dist.get_rank() == first or report[0] == "crash"):
         raise failure

@@ -581,26 +581,21 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     # DALI's next-epoch pipeline: on a GPU built ahead but run after the last one is freed (its
     # buffers would about double the pipeline's memory: BENCHMARKS.md, "Epoch boundaries")
     prepare_ahead = ("build" if cuda else "run") if cfg.data.prepare_ahead == "auto" else cfg.data.prepare_ahead
-    built = []
 
-    def build_loader() -> None:
+    def build_loader():
         try:
-            built.append(make_loader())
+            return build_two_view_loader(
+                files, kind=loader_kind, batch_size=cfg.data.batch_size,
+                view_sizes=(cfg.data.view1_size, cfg.data.view2_size), crop_scale_min=cfg.data.crop_scale_min,
+                rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device,
+                workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
+                on_bad_file=cfg.data.on_bad_file, drop_last=cfg.data.drop_last, accum=accum,
+                prepare_ahead=prepare_ahead,
+            )
         except RuntimeError as e:  # DALI missing on this rank's node, a pipeline that cannot be built
             raise TrainingError(f"data.loader {loader_kind}: {e}") from None
 
-    def make_loader():
-        return (build_two_view_loader(
-            files, kind=loader_kind, batch_size=cfg.data.batch_size,
-            view_sizes=(cfg.data.view1_size, cfg.data.view2_size), crop_scale_min=cfg.data.crop_scale_min,
-            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device,
-            workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
-            on_bad_file=cfg.data.on_bad_file, drop_last=cfg.data.drop_last, accum=accum,
-            prepare_ahead=prepare_ahead,
-        ))
-
-    on_every_rank(build_loader, errors=AGREED, what="cannot build its data loader")
-    loader = built[0]
+    loader = on_every_rank(build_loader, errors=AGREED, what="cannot build its data loader", share=False)
     steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
     global_batch = cfg.data.batch_size * env.world_size * accum
     total_steps = cfg.train.epochs * steps_per_epoch  # what the schedules span
