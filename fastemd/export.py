@@ -24,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fastemd.checkpoint import CheckpointError, load_checkpoint
@@ -120,6 +121,18 @@ def to_detectron2(backbone: dict[str, torch.Tensor]) -> dict:
     return {"model": model, "__author__": "fastemd", "matching_heuristics": True}
 
 
+class _PortablePickler(pickle.Pickler):
+    """Pickles numpy arrays as `numpy.ndarray(shape, dtype, bytearray)`: names that numpy 1.x and 2.x
+    both have. numpy 2's own pickles name `numpy._core.multiarray`, which numpy 1.x, common in
+    detectron2 environments, cannot import ("No module named 'numpy._core.numeric'")."""
+
+    def reducer_override(self, obj):
+        if type(obj) is np.ndarray:
+            array = np.ascontiguousarray(obj)
+            return np.ndarray, (array.shape, array.dtype.str, bytearray(array.tobytes()))
+        return NotImplemented
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -159,7 +172,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "to
         count = len(tensors)
     elif fmt == "detectron2":
         payload = to_detectron2(backbone)
-        _atomic_write(output, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
+        _atomic_write(output, lambda f: _PortablePickler(f, protocol=4).dump(payload))
         count = len(payload["model"])
     else:
         raise ValueError(f"format must be 'torchvision' or 'detectron2', not {fmt!r}")

@@ -243,3 +243,31 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.pt"), "--format", "torchvision", "--output", "x.pth"]) == 1
     assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_the_detectron2_pkl_names_nothing_numpy_1_lacks(tmp_path):
+    """The .pkl loads where numpy is older than 2 (detectron2 environments often are): it names no
+    module of numpy 2's (`numpy._core`, the error users met) nor numpy 1's deprecated `numpy.core`:
+    only `numpy.ndarray` and `builtins.bytearray`, with the arrays' values, dtypes and shapes intact.
+    Read back here by an unpickler that refuses any other name, as numpy 1.x's import would."""
+    import pickle
+
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
+    export_checkpoint(path, tmp_path / "r18.pkl", fmt="detectron2")
+    named = set()
+
+    class Numpy1(pickle.Unpickler):
+        def find_class(self, module, name):
+            named.add(f"{module}.{name}")
+            if module.startswith(("numpy._core", "numpy.core")):
+                raise ModuleNotFoundError(f"No module named {module!r}")
+            return super().find_class(module, name)
+
+    with open(tmp_path / "r18.pkl", "rb") as f:
+        data = Numpy1(f, encoding="latin1").load()  # as detectron2's Checkpointer reads it
+    assert named == {"numpy.ndarray", "builtins.bytearray"}
+    backbone = torch.load(path, weights_only=True)["model"]
+    conv = backbone["online.backbone.conv1.weight"].numpy()
+    got = data["model"]["stem.conv1.weight"]
+    assert got.dtype == np.float32 and got.shape == conv.shape and np.array_equal(got, conv) and got.flags.writeable
+    assert data["__author__"] == "fastemd" and data["matching_heuristics"] is True
