@@ -292,6 +292,46 @@ def test_learning_table_command_end_to_end(tmp_path, monkeypatch, capsys):
     assert "is not empty" in capsys.readouterr().err
 
 
+def test_an_interrupted_learning_table_resumes_to_the_uninterrupted_table(tmp_path, monkeypatch, capsys):
+    """`eval table --resume` after a stop in the middle of a run: the finished runs are reused, the
+    interrupted one resumes from its checkpoint, and the table equals the uninterrupted one's
+    (the resumed run ends where the whole run did; the probes are deterministic). Another override
+    than the earlier runs' is a one-line error naming the key."""
+    from fastemd import demo_data
+
+    monkeypatch.setenv("FASTEMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(demo_data.SPLITS, "train2017", (16, 0))
+    monkeypatch.setitem(demo_data.SPLITS, "val2017", (6, 1))
+    tiny = ["model.width=8", "model.proj_hidden=32", "model.proj_dim=16", "model.pred_hidden=32", "data.batch_size=8",
+            "data.view1_size=64", "data.view2_size=64", "data.workers=0", "data.loader=torch", "train.max_steps=4",
+            "train.ckpt_every=2", "eval.every=0"]
+    out = tmp_path / "table"
+    argv = ["eval", "table", "--out", str(out), "--seeds", "0", "--splits", "2", "--no-control", *tiny]
+    assert main(argv) == 0
+    whole = json.loads((out / "table.json").read_text())
+    capsys.readouterr()
+    # what a stop at step 3 of the dense-only run leaves: its step-2 checkpoint, no backbone, no table
+    run = out / "dense_only_seed0"
+    for stale in (run / "backbone_torchvision.pth", run / "checkpoints" / "step_00000004.pt", out / "table.json",
+                  out / "table.md"):
+        stale.unlink()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002.pt"]
+    assert main(argv) == 2  # never over an earlier table without being asked
+    assert "--resume to continue it" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "Self-EMD (dense + global): finished earlier, reused" in said
+    assert "resuming dense only (EMD, loss.global_weight=0)" in said
+    assert "global only (BYOL, loss.dense_weight=0): finished earlier, reused" in said
+    assert "resumed from" in (out / "dense_only_seed0.log").read_text()  # the log goes on below the first
+    resumed = json.loads((out / "table.json").read_text())
+    assert resumed["rows"] == whole["rows"] and resumed["differences"] == whole["differences"]
+    for other in (["train.max_steps=5"], ["--scenes", "non-iconic"]):
+        assert main([*argv[:-len(tiny)], "--resume", *tiny, *other]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "selfemd_seed0/config.toml" in err and "pass a new --out" in err, err
+
+
 def test_learning_table_bad_arguments_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for argv, message in ((["--out", str(tmp_path / "file")], "is not a folder"),

@@ -18,7 +18,10 @@ weights, same images in the same order).
 
 It takes about (3 runs of the demo + 1 control + 4 probes) per seed: over half an hour for
 three seeds on a 2-core CPU. Logs and every probe's JSON go to OUT; the table to OUT/table.md
-and OUT/table.json.
+and OUT/table.json. `--resume` continues a table that was stopped (Ctrl-C, a lost machine): the
+runs that finished are reused, an interrupted one resumes from its last checkpoint (as `fastemd
+train --resume auto`, which ends where the uninterrupted run would), the probes are measured
+again (they are deterministic); each run's saved config must be the one this command makes.
 """
 
 from __future__ import annotations
@@ -145,6 +148,28 @@ def format_table(rows: dict[str, dict], seeds: list[int], differences: dict[str,
     return "\n".join(lines)
 
 
+def _earlier_run_problem(run_dir: Path, cfg) -> str | None:
+    """At --resume: why the run folder's earlier run is not the run this table would make
+    (another --scenes, another override), or None (no earlier run, or the same one)."""
+    from fastemd.config import ConfigError, resolve
+
+    saved_path = run_dir / "config.toml"
+    if not saved_path.is_file():
+        return None
+    try:
+        saved = resolve(None, str(saved_path)).to_dict()
+    except ConfigError as e:
+        return f"{saved_path}: {e}; pass a new --out"
+    for section, values in cfg.to_dict().items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            name = section if key is None else f"{section}.{key}"
+            was = saved.get(section) if key is None else saved.get(section, {}).get(key)
+            if name != "train.resume" and was != value:
+                return (f"{saved_path}: {name} = {was!r}, and this table's runs have {value!r}; continue it with "
+                        "the same --scenes and overrides, or pass a new --out")
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastemd.cli import positive_int
 
@@ -158,6 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes", default="iconic", choices=["iconic", "non-iconic"],
                         help="the demo's scenes to train and probe on (default iconic, README command 1's; "
                         "non-iconic: several objects a scene at COCO's mix of sizes)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the table in OUT: finished runs are reused, an interrupted one resumes from "
+                        "its last checkpoint (the same --scenes, overrides and control as before)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="extra overrides of the demo preset for every run (e.g. train.epochs=10 for a quick look)")
 
@@ -186,9 +214,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--seeds must be integers from 0 to {SEED_MAX}, got {args.seeds}")
     base = resolve("demo", None, list(args.overrides))  # validated before anything is written
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        return fail(f"--out {out}: {'is not a folder' if not out.is_dir() else 'is not empty (an earlier table)'}; "
-                    "pass a new folder")
+    if out.exists() and not out.is_dir():
+        return fail(f"--out {out}: is not a folder; pass a new folder")
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        return fail(f"--out {out}: is not empty (an earlier table); pass a new folder, or --resume to continue it")
     keyword = "demo" if args.scenes == "iconic" else f"demo-{args.scenes}"
     try:
         probe_data = load_probe_data(resolve_probe_data(keyword), base.data.view1_size)
@@ -206,25 +235,47 @@ def run(args: argparse.Namespace) -> int:
             run_dir = out / f"{slug}_seed{seed}"
             cfg = resolve("demo", None, [f"data.sources={keyword}", f"eval.data={keyword}", *args.overrides, *overrides,
                                          f"train.seed={seed}", f"train.out_dir={run_dir}", "log.dashboard=plain"])
-            print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: training {name} -> {run_dir}", flush=True)
-            try:
-                with open(out / f"{slug}_seed{seed}.log", "w") as log, contextlib.redirect_stdout(log):
-                    result = train(cfg)
-            except (TrainingError, ConfigError) as e:
-                return fail(f"{name}, seed {seed}: {e}", 1)
-            if result["signal"]:  # stopped (Ctrl-C, SIGTERM): the runs so far stay in OUT
-                print(f"fastemd eval table: {result['ended']} during {name}, seed {seed}; runs so far in {out}",
-                      file=sys.stderr)
-                return 128 + result["signal"]
-            backbone = load_backbone(result["backbone"])
+            if args.resume:
+                problem = _earlier_run_problem(run_dir, cfg)
+                if problem:
+                    return fail(problem)
+            finished = run_dir / "backbone_torchvision.pth"  # exported once a run finishes, never before
+            if args.resume and finished.is_file():
+                print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: {name}: finished earlier, reused "
+                      f"({run_dir})", flush=True)
+            else:
+                partial = args.resume and (run_dir / "config.toml").is_file()
+                if partial:
+                    cfg.train.resume = "auto"
+                print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: "
+                      f"{'resuming' if partial else 'training'} {name} -> {run_dir}", flush=True)
+                try:  # a resumed run's log goes on below the interrupted one's
+                    with open(out / f"{slug}_seed{seed}.log", "a" if partial else "w") as log, \
+                            contextlib.redirect_stdout(log):
+                        result = train(cfg)
+                except (TrainingError, ConfigError) as e:
+                    return fail(f"{name}, seed {seed}: {e}", 1)
+                if result["signal"]:  # stopped (Ctrl-C, SIGTERM): the runs so far stay in OUT
+                    print(f"fastemd eval table: {result['ended']} during {name}, seed {seed}; runs so far in {out}; "
+                          f"the same command with --resume continues", file=sys.stderr)
+                    return 128 + result["signal"]
+                if "backbone" not in result:
+                    return fail(f"{name}, seed {seed}: the run {result['ended']} without a backbone "
+                                f"({out / f'{slug}_seed{seed}.log'})", 1)
+            backbone = load_backbone(str(finished))
             per_seed[name].append(run_probe(backbone, probe_data, args.splits, size=base.data.view1_size))
         if args.no_control:
             continue
-        print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: training the supervised control", flush=True)
-        control = train_supervised_control(ensure_demo_data(scenes=args.scenes), base.model.arch, base.model.width,
-                                           base.data.view1_size, seed, epochs=args.control_epochs)
-        torch.save(control.state_dict(), out / f"supervised_seed{seed}.pth")
-        backbone = load_backbone(str(out / f"supervised_seed{seed}.pth"))
+        control_path = out / f"supervised_seed{seed}.pth"  # saved whole, once trained
+        if args.resume and control_path.is_file():
+            print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: the supervised control: trained earlier, "
+                  "reused", flush=True)
+        else:
+            print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: training the supervised control", flush=True)
+            control = train_supervised_control(ensure_demo_data(scenes=args.scenes), base.model.arch,
+                                               base.model.width, base.data.view1_size, seed, epochs=args.control_epochs)
+            torch.save(control.state_dict(), control_path)
+        backbone = load_backbone(str(control_path))
         per_seed[SUPERVISED].append(run_probe(backbone, probe_data, args.splits, size=base.data.view1_size))
     # Every probe measures the same random inits on the same splits: one row, spread over its splits.
     first = next(iter(per_seed.values()))[0]
