@@ -160,17 +160,20 @@ def _raise_as(kind: type, message: str, from_other_rank: bool) -> None:
     raise error
 
 
-def from_rank0(decide: Callable[[], object], *, errors: tuple[type, ...], what: str):
+def from_rank0(decide: Callable[[], object], *, errors: tuple[type, ...], what: str, share: bool = True):
     """Run `decide()` on rank 0 alone; return its value on every rank (tensors included, see
-    `broadcast_state`). An error of one of the `errors` classes is raised on every rank with rank
-    0's message; any other error (an interrupt too) is raised on rank 0 as it is and on the others
-    as a RankFailure saying `what` rank 0 was doing. Without a process group: `decide()`."""
+    `broadcast_state`), or with `share=False` on rank 0 only (the others get None: an object
+    only rank 0 uses, nothing crosses ranks). An error of one of the `errors` classes is raised on
+    every rank with rank 0's message; any other error (an interrupt too) is raised on rank 0 as it
+    is and on the others as a RankFailure saying `what` rank 0 was doing. Without a process
+    group: `decide()`."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return decide()
-    outcome, value, failure = "ok", None, None
+    outcome, value, failure, own = "ok", None, None, None
     if dist.get_rank() == 0:
         try:
-            value = decide()
+            own = decide()
+            value = own if share else None
         except errors as e:
             outcome, failure = "error", e
             value = (type(e), str(e))
@@ -182,7 +185,7 @@ def from_rank0(decide: Callable[[], object], *, errors: tuple[type, ...], what: 
         raise failure
     if shared["outcome"] != "ok":
         _raise_as(*shared["value"], from_other_rank=True)
-    return shared["value"]
+    return shared["value"] if share else own
 
 
 def on_every_rank(work: Callable[[], object], *, errors: tuple[type, ...], what: str, share: bool = True):

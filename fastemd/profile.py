@@ -165,7 +165,7 @@ def _rung_list(args, default: tuple[str, ...]) -> tuple[str, ...]:
 
 def _output_problems(args) -> str | None:
     """Why --trace DIR or --plot FILE cannot be written (before minutes of measuring), or None."""
-    from fastemd.train import unwritable_folder
+    from fastemd.paths import unwritable_folder
 
     if args.what != "step" and (args.trace or args.plot):
         return "--trace and --plot apply to `fastemd profile step`"

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import signal
 import socket
@@ -52,6 +51,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -70,13 +70,13 @@ from fastemd.checkpoint import (
     set_rng_state,
 )
 from fastemd.config import MAX_SCHEDULE_STEPS, Config, to_toml
-from fastemd.dashboard import Dashboard, Meter, now
+from fastemd.dashboard import now
 from fastemd.distributed import from_rank0, on_every_rank
-from fastemd.eval.online import KEYS as PROBE_KEYS
-from fastemd.health import KEYS as HEALTH_KEYS
-from fastemd.health import HealthMonitor, health_metrics
+from fastemd.optim import global_batch_lr
+from fastemd.paths import unwritable_folder
 from fastemd.pipelines.sources import DataError
-from fastemd.step import KEYS, TrainStep, compile_for_training
+from fastemd.reporting import RunReport
+from fastemd.step import TrainStep, compile_for_training
 
 
 class TrainingError(RuntimeError):
@@ -358,22 +358,6 @@ def _trim_metrics(path: Path, step: int) -> int:
     return past
 
 
-def unwritable_folder(folder: Path) -> str | None:
-    """Why `folder` cannot be (made and) written, or None: checked before any work is done."""
-    if str(folder) in ("", "."):
-        return None if os.access(".", os.W_OK) else "the current folder is not writable"
-    if folder.exists() and not folder.is_dir():
-        return "is a file, not a folder"
-    parent = folder
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{parent} is not writable"
-    return None
-
-
 _MODEL_KEYS = ("arch", "width", "zero_init_residual", "proj_hidden", "proj_dim", "pred_hidden")
 
 
@@ -540,23 +524,70 @@ def train(cfg: Config) -> dict:
         lock.release()
 
 
-def _train(cfg: Config, lock: RunLock) -> dict:
-    from fastemd.model import SelfEMD
-    from fastemd.optim import build_optimizer, global_batch_lr, lr_schedule, tau_schedule, wd_schedule
-    from fastemd.pipelines import BadImageError, build_two_view_loader
-    from fastemd.sync_bn import convert_sync_batchnorm
+@dataclass
+class Plan:
+    """The run's shape: how an epoch is cut into optimizer steps, how far this run goes, and the
+    schedules (arrays over every step the schedules span)."""
 
+    accum: int  # micro-batches a step (train.grad_accum, or what keeps a checkpoint's global batch)
+    steps_per_epoch: int  # optimizer steps
+    global_batch: int
+    total_steps: int  # what the schedules span
+    run_steps: int  # where this run stops (train.max_steps, else total_steps)
+    last_epoch: int  # nothing is decoded past it
+    lr: np.ndarray
+    wd: np.ndarray
+    tau: np.ndarray
+
+
+@dataclass
+class Progress:
+    """Where the run is; the loop moves it on, checkpoints save it."""
+
+    step: int = 0
+    epoch: int = 0
+    start_in_epoch: int = 0  # the step of `epoch` this run started its pass over it at
+    done_in_epoch: int = 0  # steps of `epoch` done
+    skipped: int = 0  # non-finite steps skipped over the whole run
+    overflows: int = 0  # fp16 steps the GradScaler skipped
+    bad_in_row: int = 0
+    ended: str = "finished"
+    resumed_from: str | None = None
+    resumed_step: int | None = None
+    first_step: int = 0  # this process's first step
+    wandb_id: str | None = None  # the W&B run a resumed run continues
+
+
+@dataclass
+class Data:
+    files: list
+    loader: object
+    kind: str  # "dali" or "torch", the same on every rank
+    prepare_ahead: str  # DALI's next-epoch pipeline: "run" or "build" (data.prepare_ahead resolved)
+
+
+@dataclass
+class Net:
+    model: nn.Module  # the SelfEMD, unwrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    sync_bn: bool
+    step_model: nn.Module | None = None  # what the step calls: DDP and torch.compile around `model`
+
+
+def _train(cfg: Config, lock: RunLock) -> dict:
+    """The run, as its story: the folder, the data, the model, resume; then the loop; then the end."""
     env = setup_distributed(cfg.train.device)
-    cuda = env.device.type == "cuda"
-    if cfg.loss.impl == "triton" and not cuda:  # before any data or model is set up
+    if cfg.loss.impl == "triton" and env.device.type != "cuda":  # before any data or model is set up
         raise TrainingError("loss.impl=triton needs a CUDA device and this run is on the CPU; use loss.impl=auto")
     threads = torch.get_num_threads()
-    if not cuda:
+    if env.device.type != "cuda":
         threads = pick_cpu_threads(cfg.train.cpu_threads, cfg.data.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     out_dir = Path(cfg.train.out_dir)
     say = print if env.main else (lambda *a, **k: None)
 
-    # ---- run folder and resolved config ---------------------------------------------------
     # Rank 0 alone writes into out_dir (the other ranks may not even see it: node-local disks), so
     # its view decides, and its error, if any, stops every rank (fastemd/distributed.py).
     from_rank0(lambda: _claim_run_folder(cfg, out_dir, lock), errors=AGREED, what="checking train.out_dir")
@@ -565,27 +596,60 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     # known to fit: a run that fails before leaves the folder (and an earlier run's config) as it was.
     say(f"fastemd: resolved config (to be saved as {out_dir / 'config.toml'}), git {revision}")
     say(to_toml(cfg))
-
-    # ---- data -------------------------------------------------------------------------------
     files = resolve_data(cfg, env)
-
-    # ---- resume: one point for every rank -------------------------------------------------------
     # Rank 0 finds and reads the checkpoint; its state reaches the other ranks over the process
     # group, whether or not they can read the file, so no rank ever starts from another step.
     found = from_rank0(lambda: _read_checkpoint_to_resume(cfg, out_dir, len(files), env.world_size), errors=AGREED,
                        what="reading the checkpoint to resume")
     state, resumed_from, accum = found if found else (None, None, cfg.train.grad_accum)
+    del found
+    data = _build_data(cfg, env, files, accum)
+    plan = _plan(cfg, env, data.loader, accum)
+    net = _build_model(cfg, env)
+    progress = _restore(cfg, env, state, resumed_from, net, data.loader, plan) if state is not None else Progress()
+    del state  # the loaded copy (host memory the size of the checkpoint) is not needed again
+    if progress.start_in_epoch >= plan.steps_per_epoch:
+        progress.epoch, progress.start_in_epoch = progress.epoch + 1, 0
+    progress.first_step = progress.step
+    # rank 0 writes the run folder; a failure there stops every rank (one line)
+    logged_past = from_rank0(lambda: _write_run_folder(cfg, out_dir, revision, progress.resumed_step, accum, env),
+                             errors=AGREED, what="writing the run folder")
+    if not resumed_from:
+        torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seeds for anything random after init
+    net.step_model = _wrap_for_training(cfg, env, net)
+    probe, probe_every = _online_probe(cfg, env, plan)
+    report = RunReport(cfg, env, out_dir, plan, progress.step, resumed_from, logged_past, progress.wandb_id, probe,
+                       probe_every)
+    say(f"fastemd: {len(files)} images, loader {data.kind}, {env.world_size} rank(s) on {env.device.type}, "
+        f"{'' if env.device.type == 'cuda' else f'{threads} torch thread(s), '}global batch {plan.global_batch}, "
+        f"peak lr {global_batch_lr(cfg.optim.base_lr, plan.global_batch):.4g}, "
+        f"{plan.steps_per_epoch} steps/epoch, {plan.run_steps} steps to run (schedules span {plan.total_steps})")
+    report.start_dashboard(progress.step)
+    saver = Checkpointer(cfg, env, out_dir, revision, plan, net, data.loader, progress, report.wandb_id)
+    run_start = now()
+    with StopSignal() as stop:
+        _run_loop(cfg, env, data, plan, net, progress, report, saver, stop)
+    result = _finish(cfg, env, out_dir, plan, progress, saver, report, stop.signum)
+    if env.main:
+        _closing_lines(cfg, env, out_dir, plan, progress, result, report, now() - run_start)
+    return result
+
+
+def _build_data(cfg: Config, env: Env, files: list[str], accum: int) -> Data:
+    """The two-view loader of `files`, one kind on every rank, built on every rank (each its shard)."""
+    from fastemd.pipelines import build_two_view_loader
 
     # one loader kind for every rank (with "auto", a node without DALI would read other augmentations)
-    loader_kind = from_rank0(lambda: choose_loader(cfg.data.loader), errors=AGREED, what="choosing the loader")
+    kind = from_rank0(lambda: choose_loader(cfg.data.loader), errors=AGREED, what="choosing the loader")
     # DALI's next-epoch pipeline: on a GPU built ahead but run after the last one is freed (its
     # buffers would about double the pipeline's memory: BENCHMARKS.md, "Epoch boundaries")
+    cuda = env.device.type == "cuda"
     prepare_ahead = ("build" if cuda else "run") if cfg.data.prepare_ahead == "auto" else cfg.data.prepare_ahead
 
     def build_loader():
         try:
             return build_two_view_loader(
-                files, kind=loader_kind, batch_size=cfg.data.batch_size,
+                files, kind=kind, batch_size=cfg.data.batch_size,
                 view_sizes=(cfg.data.view1_size, cfg.data.view2_size), crop_scale_min=cfg.data.crop_scale_min,
                 rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, device=env.device,
                 workers=cfg.data.workers, hw_decoder_load=cfg.data.hw_decoder_load,
@@ -593,23 +657,38 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 prepare_ahead=prepare_ahead,
             )
         except RuntimeError as e:  # DALI missing on this rank's node, a pipeline that cannot be built
-            raise TrainingError(f"data.loader {loader_kind}: {e}") from None
+            raise TrainingError(f"data.loader {kind}: {e}") from None
 
     loader = on_every_rank(build_loader, errors=AGREED, what="cannot build its data loader", share=False)
+    return Data(files, loader, kind, prepare_ahead)
+
+
+def _plan(cfg: Config, env: Env, loader, accum: int) -> Plan:
+    """Steps per epoch, how far the run goes, and the lr, weight-decay and EMA schedules."""
+    from fastemd.optim import lr_schedule, tau_schedule, wd_schedule
+
     steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
     global_batch = cfg.data.batch_size * env.world_size * accum
-    total_steps = cfg.train.epochs * steps_per_epoch  # what the schedules span
+    total_steps = cfg.train.epochs * steps_per_epoch
     if total_steps > MAX_SCHEDULE_STEPS:  # three float arrays of this length, before any step
         raise _agreed(env, TrainingError(
             f"train.epochs={cfg.train.epochs} x {steps_per_epoch} steps an epoch is {total_steps} steps, more than the "
             f"{MAX_SCHEDULE_STEPS} the schedules are made for; lower --train.epochs or raise --data.batch_size"))
     run_steps = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    last_epoch = max(0, run_steps - 1) // steps_per_epoch  # nothing is decoded past it
-    lr_sched = lr_schedule(cfg.optim.base_lr, global_batch, cfg.train.epochs, cfg.optim.warmup_epochs, steps_per_epoch)
-    wd_sched = wd_schedule(cfg.optim.weight_decay, total_steps)
-    tau_sched = tau_schedule(cfg.ema.tau_base, total_steps)
+    return Plan(accum=accum, steps_per_epoch=steps_per_epoch, global_batch=global_batch, total_steps=total_steps,
+                run_steps=run_steps, last_epoch=max(0, run_steps - 1) // steps_per_epoch,
+                lr=lr_schedule(cfg.optim.base_lr, global_batch, cfg.train.epochs, cfg.optim.warmup_epochs,
+                               steps_per_epoch),
+                wd=wd_schedule(cfg.optim.weight_decay, total_steps), tau=tau_schedule(cfg.ema.tau_base, total_steps))
 
-    # ---- model, optimizer ----------------------------------------------------------------
+
+def _build_model(cfg: Config, env: Env) -> Net:
+    """SelfEMD with the same initial weights on every rank, on the device, its LARS and GradScaler."""
+    from fastemd.model import SelfEMD
+    from fastemd.optim import build_optimizer
+    from fastemd.sync_bn import convert_sync_batchnorm
+
+    cuda = env.device.type == "cuda"
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = SelfEMD(cfg.model, cfg.loss)
     sync_bn = env.distributed and cfg.model.sync_bn
@@ -622,392 +701,377 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    return Net(model, optimizer, scaler, amp_dtype, memory_format, sync_bn)
 
-    # ---- resume -------------------------------------------------------------------------------
-    step, epoch, start_in_epoch, skipped = 0, 0, 0, 0
-    wandb_id = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        resumed_step = step
-        skipped = state.get("skipped_steps", 0)
-        set_rng_state(state["rng"])
-        data_states = state.get("data") or []
-        saved_layout = _data_layout(state)
-        layout = {"world_size": env.world_size, "batch_size": cfg.data.batch_size, "grad_accum": accum}
-        if saved_layout == layout and len(data_states) == env.world_size:
-            loader.load_state_dict(data_states[env.rank])  # each rank its own: DALI's reader and RNG states
-        elif saved_layout != layout:
-            say(f"fastemd: {resumed_from} was saved on {_layout_text(saved_layout)}, this run is on "
-                f"{_layout_text(layout)}: the rest of epoch {epoch} reads the images the saved run had not read yet "
-                f"(each once{'' if cfg.data.drop_last else ', the padding aside'}), resharded, with fresh "
-                "augmentations")
-        say(f"fastemd: resumed from {resumed_from} at step {step} (epoch {epoch}, step {start_in_epoch} of it)"
-            + (f"; its state reached the {env.world_size - 1} other rank(s) from rank 0" if env.distributed else ""))
-        wandb_id = state.get("wandb_id")  # the W&B run this run continues, if it logs there
-        del state, found  # the loaded copy (host memory the size of the checkpoint) is not needed again
-    if start_in_epoch >= steps_per_epoch:
-        epoch, start_in_epoch = epoch + 1, 0
-    first_step = step
-    # rank 0 writes the run folder; a failure there stops every rank (one line)
-    logged_past = from_rank0(lambda: _write_run_folder(cfg, out_dir, revision, step if resumed_from else None, accum,
-                                                       env), errors=AGREED, what="writing the run folder")
-    if not resumed_from:
-        torch.manual_seed(cfg.train.seed + env.rank)  # per-rank seeds for anything random after init
 
-    step_model: nn.Module = model
+def _restore(cfg: Config, env: Env, state: dict, resumed_from: str, net: Net, loader, plan: Plan) -> Progress:
+    """Model, optimizer, scaler, RNG and (on the same layout) each rank's loader state from the
+    checkpoint's `state`; returns where the run resumes."""
+    say = print if env.main else (lambda *a, **k: None)
+    net.model.load_state_dict(state["model"])
+    net.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        net.scaler.load_state_dict(state["scaler"])
+    progress = Progress(step=state["step"], epoch=state["epoch"], start_in_epoch=state["step_in_epoch"],
+                        skipped=state.get("skipped_steps", 0), resumed_from=resumed_from, resumed_step=state["step"],
+                        wandb_id=state.get("wandb_id"))  # the W&B run this run continues, if it logs there
+    set_rng_state(state["rng"])
+    data_states = state.get("data") or []
+    saved_layout = _data_layout(state)
+    layout = {"world_size": env.world_size, "batch_size": cfg.data.batch_size, "grad_accum": plan.accum}
+    if saved_layout == layout and len(data_states) == env.world_size:
+        loader.load_state_dict(data_states[env.rank])  # each rank its own: DALI's reader and RNG states
+    elif saved_layout != layout:
+        say(f"fastemd: {resumed_from} was saved on {_layout_text(saved_layout)}, this run is on "
+            f"{_layout_text(layout)}: the rest of epoch {progress.epoch} reads the images the saved run had not read "
+            f"yet (each once{'' if cfg.data.drop_last else ', the padding aside'}), resharded, with fresh "
+            "augmentations")
+    say(f"fastemd: resumed from {resumed_from} at step {progress.step} (epoch {progress.epoch}, step "
+        f"{progress.start_in_epoch} of it)"
+        + (f"; its state reached the {env.world_size - 1} other rank(s) from rank 0" if env.distributed else ""))
+    return progress
+
+
+def _wrap_for_training(cfg: Config, env: Env, net: Net) -> nn.Module:
+    """What the step calls: the model in DDP on several ranks, compiled (with LARS' update) when asked."""
+    step_model: nn.Module = net.model
     if env.distributed:
         # DDP re-sends rank 0's buffers (BatchNorm statistics, ~336 tensors for ResNet-50's online
         # and target) before every forward. With synchronised BatchNorm every rank computes the
         # same statistics from the same all-reduced sums, and there are no other buffers, so they
         # are already equal (tests/test_train.py checks it to the bit): skip it.
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None,
-                                                         **(_no_buffer_broadcast() if sync_bn else {}))
-    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and cuda):
-        step_model = compile_for_training(step_model, optimizer, cfg.train)  # the model and LARS' update
+        cuda = env.device.type == "cuda"
+        step_model = nn.parallel.DistributedDataParallel(net.model, device_ids=[env.local_rank] if cuda else None,
+                                                         **(_no_buffer_broadcast() if net.sync_bn else {}))
+    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and env.device.type == "cuda"):
+        step_model = compile_for_training(step_model, net.optimizer, cfg.train)  # the model and LARS' update
+    return step_model
 
-    # ---- the online probe (rank 0): the EMA backbone against a random init, during training -----
-    probe, probe_every = None, 0
+
+def _online_probe(cfg: Config, env: Env, plan: Plan):
+    """Rank 0's online probe (the EMA backbone against a random init, during training) and its
+    period in steps; (None, 0) when off (and on the other ranks)."""
+    say = print if env.main else (lambda *a, **k: None)
     probe_data = cfg.eval.data or _default_probe_data(cfg)
-    if cfg.eval.every and probe_data:
-        probe_every = cfg.eval.every if cfg.eval.every > 0 else max(1, total_steps // 10)
+    if not (cfg.eval.every and probe_data):
+        if cfg.eval.every:
+            say("fastemd: online probe off: no labelled held-out set; --eval.data=LABELLED_VAL.json (e.g. "
+                "instances_val2017.json) turns it on")
+        return None, 0
+    every = cfg.eval.every if cfg.eval.every > 0 else max(1, plan.total_steps // 10)
 
-        def prepare_probe() -> None:
-            nonlocal probe
-            from fastemd.eval.online import OnlineProbe
-            from fastemd.eval.probe import ProbeError, resolve_probe_data
+    def prepare():
+        from fastemd.eval.online import OnlineProbe
+        from fastemd.eval.probe import ProbeError, resolve_probe_data
 
-            try:
-                probe = OnlineProbe(resolve_probe_data(probe_data), cfg.eval.size or cfg.data.view1_size,
-                                    cfg.eval.max_images, cfg.model.arch, cfg.model.width, env.device)
-            except ProbeError as e:
-                raise TrainingError(f"eval.data: {e}; name a labelled COCO json (--eval.data), or --eval.every=0 to "
-                                    "train without the online probe") from None
-
-        from_rank0(prepare_probe, errors=AGREED, what="preparing the online probe")
-        if probe is not None:
-            say(f"fastemd: online probe every {probe_every} steps and at the end ({probe.setup_s:.1f} s to prepare): "
-                f"{probe.describe()}")
-    elif cfg.eval.every:
-        say("fastemd: online probe off: no labelled held-out set; --eval.data=LABELLED_VAL.json (e.g. "
-            "instances_val2017.json) turns it on")
-    probes: list[dict] = []  # this run's probe results, for the closing lines
-
-    # ---- what we report ---------------------------------------------------------------------
-    from fastemd.flops import flops_per_pair, peak_flops
-
-    peak = peak_flops(env.device)
-    pair_flops = flops_per_pair(cfg.model, cfg.loss, (cfg.data.view1_size, cfg.data.view2_size)) if peak else None
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if env.main else None
-    tb = None
-    if env.main and cfg.log.tensorboard:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            return OnlineProbe(resolve_probe_data(probe_data), cfg.eval.size or cfg.data.view1_size,
+                               cfg.eval.max_images, cfg.model.arch, cfg.model.width, env.device)
+        except ProbeError as e:
+            raise TrainingError(f"eval.data: {e}; name a labelled COCO json (--eval.data), or --eval.every=0 to "
+                                "train without the online probe") from None
 
-            # purge_step: a resumed run drops the events logged after its checkpoint's step
-            tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step + 1 if resumed_from else None)
-        except ImportError:
-            say("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
-    wb = None
-    if env.main and cfg.log.wandb:  # checked at the start: wandb is importable
-        from fastemd.tracking import WandbRun, run_id_to_continue
+    probe = from_rank0(prepare, errors=AGREED, what="preparing the online probe", share=False)  # rank 0's alone
+    if env.main:
+        say(f"fastemd: online probe every {every} steps and at the end ({probe.setup_s:.1f} s to prepare): "
+            f"{probe.describe()}")
+    return probe, every
 
-        wb = WandbRun(cfg, out_dir, run_id_to_continue(out_dir, resumed_from, wandb_id), step if resumed_from else None,
-                      logged_past)
-        say(f"fastemd: W&B run {wb.run_id} (project {cfg.log.wandb_project}; kept in {out_dir / 'wandb_run_id'})")
-    say(f"fastemd: {len(files)} images, loader {loader_kind}, {env.world_size} rank(s) on {env.device.type}, "
-        f"{'' if cuda else f'{threads} torch thread(s), '}global batch {global_batch}, "
-        f"peak lr {global_batch_lr(cfg.optim.base_lr, global_batch):.4g}, "
-        f"{steps_per_epoch} steps/epoch, {run_steps} steps to run (schedules span {total_steps})")
 
-    dash = Dashboard(run_steps, steps_per_epoch, start_step=step, mode=cfg.log.dashboard, enabled=env.main,
-                     title=f"fastemd {cfg.preset}: {cfg.model.arch} on {env.world_size}x {env.device.type}")
-    train_step = TrainStep(model, optimizer, step_model=step_model, scaler=scaler, amp_dtype=amp_dtype,
-                           memory_format=memory_format, accum=accum, distributed=env.distributed)
-    ckpt_seconds = 60 * cfg.train.ckpt_minutes
-    keys = KEYS
-    window = torch.zeros(len(keys), device=env.device)  # sums over the log window, on the device
-    monitor = HealthMonitor(warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), total_steps=total_steps,
-                            log_every=cfg.log.every)
-    warning = None  # the health warning shown now, if any
-    last_metrics: dict = {}  # the last log step's, for the summary
-    window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, None
-    window_ckpt = 0.0  # seconds the steps of the log window waited for checkpoints (their blocking part)
-    smooth = {k: Meter() for k in ("loss", "loss_emd", "loss_global")}  # the panel's: smoothed alike, they add up
-    bad_in_row = 0
-    overflows = 0  # fp16 steps the GradScaler skipped
-    writer = CheckpointWriter(out_dir, cfg.train.keep_last)
-    writer.last = Path(resumed_from) if resumed_from else None
-    saved_at = step if resumed_from else -1
-    saved_time = now()  # for train.ckpt_minutes
-    ended = "finished"
+class Checkpointer:
+    """The run's checkpoints: when a wall-clock one is due, the state one holds (gathered from
+    every rank), its background write, and what a failed write tells the user."""
 
-    def checkpoint() -> None:
-        # Every rank calls this at the same steps (stopping and the wall-clock cadence are agreed
-        # on in the step's one reduction): the data loaders' states are gathered, and rank 0
-        # snapshots the state; its writer thread puts it on disk while training goes on.
-        nonlocal saved_at, saved_time, window_ckpt
-        if saved_at == step:
+    def __init__(self, cfg: Config, env: Env, out_dir: Path, revision: str, plan: Plan, net: Net, loader,
+                 progress: Progress, wandb_id: str | None):
+        self.cfg, self.env, self.out_dir, self.revision = cfg, env, out_dir, revision
+        self.plan, self.net, self.loader, self.progress, self.wandb_id = plan, net, loader, progress, wandb_id
+        self.writer = CheckpointWriter(out_dir, cfg.train.keep_last)
+        self.writer.last = Path(progress.resumed_from) if progress.resumed_from else None
+        self.saved_at = progress.step if progress.resumed_from else -1
+        self.saved_time = now()  # for train.ckpt_minutes
+        self.waited = 0.0  # seconds the steps waited for checkpoints (their blocking part) since taken
+
+    @property
+    def failed(self) -> bool:
+        """Rank 0's background write failed (the step's reduction then stops every rank)."""
+        return self.env.main and self.writer.failed
+
+    def wall_clock_due(self) -> bool:
+        seconds = 60 * self.cfg.train.ckpt_minutes
+        return self.env.main and 0 < seconds <= now() - self.saved_time
+
+    def every_due(self, step: int) -> bool:
+        return bool(self.cfg.train.ckpt_every) and step % self.cfg.train.ckpt_every == 0
+
+    def last_good(self) -> str:
+        return str(self.writer.wait(raise_error=False) or "none yet")
+
+    def take_waited(self) -> float:
+        """The seconds waited since the last call (a log step's ckpt_ms)."""
+        waited, self.waited = self.waited, 0.0
+        return waited
+
+    def save(self) -> None:
+        """Every rank calls this at the same steps (stopping and the wall-clock cadence are agreed
+        on in the step's one reduction): the data loaders' states are gathered, and rank 0
+        snapshots the state; its writer thread puts it on disk while training goes on."""
+        p, env, cfg = self.progress, self.env, self.cfg
+        if self.saved_at == p.step:
             return
-        saved_at, saved_time = step, now()
-        data_states = [loader.state_dict()]
+        self.saved_at, self.saved_time = p.step, now()
+        data_states = [self.loader.state_dict()]
         if env.distributed:  # all_gather: NCCL has no gather of objects; a few kB per rank
             gathered = [None] * env.world_size
             dist.all_gather_object(gathered, data_states[0])
             data_states = gathered
         if not env.main:
             return
-        writer.wait(raise_error=False)
-        if writer.failed:  # the step's reduction stops every rank at the next step, with its error
+        self.writer.wait(raise_error=False)
+        if self.writer.failed:  # the step's reduction stops every rank at the next step, with its error
             return
+        net, plan = self.net, self.plan
         state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "step": step, "epoch": epoch, "step_in_epoch": done_in_epoch, "steps_per_epoch": steps_per_epoch,
-            "skipped_steps": skipped, "rng": rng_state(), "config": cfg.to_dict(), "git": revision,
-            "world_size": env.world_size, "batch_size": cfg.data.batch_size, "grad_accum": accum,
-            "global_batch": global_batch, "data": data_states, "wandb_id": wb.run_id if wb is not None else None,
+            "model": net.model.state_dict(), "optimizer": net.optimizer.state_dict(),
+            "scaler": net.scaler.state_dict() if net.scaler.is_enabled() else None,
+            "step": p.step, "epoch": p.epoch, "step_in_epoch": p.done_in_epoch,
+            "steps_per_epoch": plan.steps_per_epoch, "skipped_steps": p.skipped, "rng": rng_state(),
+            "config": cfg.to_dict(), "git": self.revision, "world_size": env.world_size,
+            "batch_size": cfg.data.batch_size, "grad_accum": plan.accum, "global_batch": plan.global_batch,
+            "data": data_states, "wandb_id": self.wandb_id,
         }
-        with write_errors():
-            writer.save(state, step)
-        window_ckpt += now() - saved_time  # what the steps waited for: the gather and the snapshot (ckpt_ms)
+        with self.errors():
+            self.writer.save(state, p.step)
+        self.waited += now() - self.saved_time  # what the steps waited for: the gather and the snapshot
+
+    def wait(self) -> None:
+        """The write in flight on disk (a stop, the end: before the process exits)."""
+        with self.errors():
+            self.writer.wait()
 
     @contextlib.contextmanager
-    def write_errors():
+    def errors(self):
         try:
             yield
         except CheckpointWriteError as e:  # disk full, quota, a storage fault: the last good checkpoint stays
             raise TrainingError(
-                f"{e} under {out_dir / 'checkpoints'}; last good checkpoint: {writer.last or 'none yet'}. "
+                f"{e} under {self.out_dir / 'checkpoints'}; last good checkpoint: {self.writer.last or 'none yet'}. "
                 "Free space, then --resume auto"
             ) from None
 
-    done_in_epoch = start_in_epoch  # steps of `epoch` already done: where a resumed run starts
-    batches = None
-    # A loader error on one rank (data.on_bad_file=stop) must not leave the others waiting in the
-    # step's collectives: the rank joins the step with a stand-in batch of zeros, and the step's
-    # reduction stops every rank (the step changes nothing).
-    bad_image: list[BadImageError] = []
 
-    def next_batch():
-        if not bad_image:
+class BatchFeed:
+    """The loader's batches for the loop, an epoch at a time. A loader error on one rank
+    (data.on_bad_file=stop) must not leave the others waiting in the step's collectives: the rank
+    joins the step with a stand-in batch of zeros, and the step's reduction stops every rank (the
+    step changes nothing); `bad` holds the error."""
+
+    def __init__(self, cfg: Config, loader):
+        self.cfg, self.loader = cfg, loader
+        self.batches = None
+        self.bad: list = []
+
+    def start_epoch(self, epoch: int, start_step: int, last_epoch: int) -> None:
+        self.batches = iter(self.loader.epoch(epoch, start_step=start_step, last_epoch=last_epoch))
+
+    def __call__(self):
+        from fastemd.pipelines import BadImageError
+
+        if not self.bad:
             try:
-                return next(batches)
+                return next(self.batches)
             except BadImageError as e:
-                bad_image.append(e)
-        return (torch.zeros(cfg.data.batch_size, 3, cfg.data.view1_size, cfg.data.view1_size),
-                torch.zeros(cfg.data.batch_size, 3, cfg.data.view2_size, cfg.data.view2_size))
-    run_start = now()
-    with StopSignal() as stop:
-        try:
-            while step < run_steps and epoch < cfg.train.epochs:
-                batches = iter(loader.epoch(epoch, start_step=start_in_epoch * accum, last_epoch=last_epoch))
-                dash.new_epoch(epoch, steps_per_epoch, start_in_epoch)
-                done_in_epoch = start_in_epoch
-                for step_in_epoch in range(start_in_epoch, steps_per_epoch):
-                    if step >= run_steps:
-                        break
-                    # fastemd/step.py: forward, backward, the one host read (finite? a stop signal on
-                    # any rank? a wall-clock checkpoint due by rank 0's clock?), LARS, EMA.
-                    outcome = train_step(next_batch, lr=float(lr_sched[step]),
-                                         weight_decay=float(wd_sched[step]), tau=float(tau_sched[step]),
-                                         stop_signal=stop.signum,
-                                         checkpoint_due=env.main and 0 < ckpt_seconds <= now() - saved_time,
-                                         abort=lambda: bool(bad_image) or (env.main and writer.failed))
-                    if outcome.abort:  # a rank must stop (and changed nothing this step): every rank stops here
-                        if bad_image:
-                            raise bad_image[0]
-                        if env.main and writer.failed:
-                            with write_errors():
-                                writer.raise_error()
-                        last = (f"; last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}"
-                                if env.main else "")
-                        raise _agreed(env, TrainingError("another rank stopped the run: its message (in its node's "
-                                                         f"log) says why{last}"))
-                    out, stop_now, ckpt_due = outcome.out, outcome.stop_signal, outcome.checkpoint_due
-                    window += outcome.parts
-                    window_data_wait += outcome.data_wait
-                    if outcome.overflow:  # fp16: routine early on, not a bad step
-                        overflows += 1
-                    if not outcome.skipped:
-                        bad_in_row = 0
-                    else:
-                        skipped += 1
-                        bad_in_row += 1
-                        dash.print(f"step {step + 1}: non-finite loss or gradients; update skipped ({bad_in_row} in a row)",
-                                   style="yellow")
-                        if bad_in_row >= cfg.train.max_bad_steps:
-                            raise TrainingError(
-                                f"{bad_in_row} non-finite steps (loss or gradients) in a row (step {step + 1}); stopping. "
-                                f"Last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}. Lower optim.base_lr, "
-                                "try train.amp=bf16, or check the data"
-                            )
-                    step += 1
-                    done_in_epoch = step_in_epoch + 1
-                    window_steps += 1
-                    timed_steps += 1
-                    if window_start is None:  # the first step (compilation, warm-up) is logged, not timed
-                        timed_steps, window_data_wait, window_start = 0, 0.0, now()
+                self.bad.append(e)
+        d = self.cfg.data
+        return (torch.zeros(d.batch_size, 3, d.view1_size, d.view1_size),
+                torch.zeros(d.batch_size, 3, d.view2_size, d.view2_size))
 
-                    last = step == run_steps or step_in_epoch + 1 == steps_per_epoch
-                    probe_due = probe_every and (step % probe_every == 0 or step == run_steps)
-                    if window_steps and (step % cfg.log.every == 0 or last or probe_due):
-                        # Health signals of the last step's batch (fastemd/health.py): log steps only,
-                        # rank 0 only (the others show nothing).
-                        signals = (health_metrics(out["maps"], cfg.loss) if env.main
-                                   else torch.full((len(HEALTH_KEYS),), float("nan"), device=env.device))
-                        means = torch.cat([window / window_steps, signals]).tolist()  # syncs: log steps only
-                        m = dict(zip(keys + HEALTH_KEYS, means))
-                        m.update(step=step, total_steps=run_steps, epoch=epoch, epochs=last_epoch + 1,
-                                 step_in_epoch=step_in_epoch + 1, loss_smooth=smooth["loss"].update(m["loss"]),
-                                 loss_emd_smooth=smooth["loss_emd"].update(m["loss_emd"]),
-                                 loss_global_smooth=smooth["loss_global"].update(m["loss_global"]),
-                                 lr=float(lr_sched[step - 1]),
-                                 tau=float(tau_sched[step - 1]), skipped_steps=skipped, fp16_overflows=overflows,
-                                 skipped_files=getattr(loader, "skipped_files", 0), ckpt_ms=1000 * window_ckpt,
-                                 peak_mem_gb=torch.cuda.max_memory_allocated(env.device) / 1e9 if cuda else None)
-                        elapsed = now() - window_start
-                        if timed_steps:
-                            sec_per_step = elapsed / timed_steps
-                            images_per_s = global_batch / sec_per_step
-                            m.update(ms_per_step=1000 * sec_per_step, images_per_s=images_per_s,
-                                     data_wait_pct=100 * window_data_wait / elapsed,
-                                     mfu=pair_flops * images_per_s / (peak * env.world_size) if peak else None,
-                                     eta_s=(run_steps - step) * sec_per_step)
-                        if probe_due and probe is not None:  # rank 0; not in the step timing (measured apart)
-                            m.update(probe(model.target.backbone))
-                            probes.append(dict(m))
-                        now_warning = monitor.update(step, m)
-                        if now_warning and not warning:  # said once when it trips, then on the panel
-                            dash.print(f"fastemd: WARNING at step {step}: {now_warning}", style="bold red")
-                        elif warning and not now_warning:
-                            dash.print(f"fastemd: step {step}: the health warning cleared", style="green")
-                        warning = now_warning
-                        m["health_warning"] = warning
-                        last_metrics = m
-                        dash.update(m)
-                        if metrics_file:
-                            # strict JSON (jq, pandas): a NaN mean of a window with a skipped step is null
-                            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
-                            metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
-                            metrics_file.flush()
-                        if wb is not None:
-                            wb.log(m, step)
-                        if tb is not None:
-                            for k in (*keys, *HEALTH_KEYS, "lr", "tau", "images_per_s", "data_wait_pct", *PROBE_KEYS):
-                                if m.get(k) is not None and math.isfinite(m[k]):  # no timing in the first window
-                                    tb.add_scalar(f"train/{k}", m[k], step)
-                        window.zero_()
-                        window_steps, timed_steps, window_data_wait, window_start = 0, 0, 0.0, now()
-                        window_ckpt = 0.0
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
 
-                    if stop_now:
-                        ended = f"stopped by {signal.Signals(stop_now).name}"
-                        checkpoint()
-                        with write_errors():
-                            writer.wait()  # on disk before the process exits (torchrun's SIGKILL comes 30 s after)
-                        break  # the closing lines say where it stopped, the checkpoint, and how to continue
-                    if ckpt_due or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
-                        checkpoint()
-                else:  # the epoch ran to its end: the next one goes on from the loader's stream
-                    epoch, start_in_epoch, done_in_epoch = epoch + 1, 0, 0
-                    continue
-                break  # stopped by a signal or by max_steps inside the epoch
-            if ended == "finished":
-                checkpoint()
-            with write_errors():
-                writer.wait()
-        except BadImageError as e:  # a clean stop, the last checkpoint untouched
-            why = ("data.on_bad_file=stop" if cfg.data.on_bad_file == "stop"
-                   else "data.on_bad_file=skip found no decodable image to put in its place")
-            where = (f"Last good checkpoint: {writer.wait(raise_error=False) or 'none yet'}" if env.main
-                     else f"(rank {env.rank}: rank 0 names the last good checkpoint)")
-            raise TrainingError(f"stopping on a bad image ({why}): {e}. {where}") from None
-        except torch.cuda.OutOfMemoryError:
-            # DALI prepares the next epoch beside the last batches of this one (its pool keeps the
-            # memory after): an out-of-memory there is the boundary's, and says what to change
-            near_boundary = (loader_kind == "dali" and prepare_ahead == "run" and step > first_step
-                             and (done_in_epoch == 0 or (done_in_epoch + 1) * accum
-                                  >= loader.steps_per_epoch - getattr(loader, "prefetch", 2)))
-            if near_boundary:
-                raise TrainingError(
-                    f"CUDA out of memory at step {step + 1}, at an epoch boundary (epoch {epoch}, step "
-                    f"{done_in_epoch + 1} of {steps_per_epoch}: DALI holds one epoch's pipeline and the next one's "
-                    "first batches together there); --data.prepare_ahead=build keeps one "
-                    "pipeline's memory (the boundary then waits for one batch), or lower --data.batch_size. Last good "
-                    f"checkpoint: {writer.wait(raise_error=False) or 'none yet'}"
-                ) from None
-            if step > first_step:  # only the first step of this run says what the batch size does
-                raise
-            raise TrainingError(
-                f"CUDA out of memory in the first step at data.batch_size={cfg.data.batch_size} per GPU "
-                f"({cfg.model.arch}, views {cfg.data.view1_size}/{cfg.data.view2_size}, amp {cfg.train.amp}); "
-                f"try --data.batch_size={max(cfg.data.batch_size // 2, 1)}"
-            ) from None
-        finally:
-            writer.wait(raise_error=False)  # a run stopping on an error still finishes the write in flight
-            if batches is not None:
-                batches.close()
-            loader.close()  # shut the loader's workers down now, not at interpreter exit
-            dash.close()
-            if metrics_file:
-                metrics_file.close()
-            if tb is not None:
-                tb.close()
-            if wb is not None:
-                wb.finish()
 
-    last_ckpt = writer.last
+def _run_loop(cfg: Config, env: Env, data: Data, plan: Plan, net: Net, progress: Progress, report: RunReport,
+              saver: Checkpointer, stop: StopSignal) -> None:
+    """Train from `progress` to the end of the plan or a stop; the last checkpoint on disk after.
+    A bad image or an out-of-memory becomes a one-line TrainingError naming the last good checkpoint."""
+    from fastemd.pipelines import BadImageError
+
+    feed = BatchFeed(cfg, data.loader)
+    train_step = TrainStep(net.model, net.optimizer, step_model=net.step_model, scaler=net.scaler,
+                           amp_dtype=net.amp_dtype, memory_format=net.memory_format, accum=plan.accum,
+                           distributed=env.distributed)
+    try:
+        _epochs(cfg, env, plan, net, progress, report, saver, stop, feed, train_step)
+        if progress.ended == "finished":
+            saver.save()
+        saver.wait()
+    except BadImageError as e:  # a clean stop, the last checkpoint untouched
+        why = ("data.on_bad_file=stop" if cfg.data.on_bad_file == "stop"
+               else "data.on_bad_file=skip found no decodable image to put in its place")
+        where = (f"Last good checkpoint: {saver.last_good()}" if env.main
+                 else f"(rank {env.rank}: rank 0 names the last good checkpoint)")
+        raise TrainingError(f"stopping on a bad image ({why}): {e}. {where}") from None
+    except torch.cuda.OutOfMemoryError:
+        error = _out_of_memory(cfg, data, plan, progress, saver)
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        saver.writer.wait(raise_error=False)  # a run stopping on an error still finishes the write in flight
+        feed.close()
+        data.loader.close()  # shut the loader's workers down now, not at interpreter exit
+        report.close()
+
+
+def _epochs(cfg: Config, env: Env, plan: Plan, net: Net, progress: Progress, report: RunReport,
+            saver: Checkpointer, stop: StopSignal, feed: BatchFeed, train_step: TrainStep) -> None:
+    """The loop over epochs and their steps: each step, its log step when due, its checkpoint."""
+    p = progress
+    while p.step < plan.run_steps and p.epoch < cfg.train.epochs:
+        feed.start_epoch(p.epoch, p.start_in_epoch * plan.accum, plan.last_epoch)
+        report.dash.new_epoch(p.epoch, plan.steps_per_epoch, p.start_in_epoch)
+        p.done_in_epoch = p.start_in_epoch
+        for step_in_epoch in range(p.start_in_epoch, plan.steps_per_epoch):
+            if p.step >= plan.run_steps:
+                break
+            # fastemd/step.py: forward, backward, the one host read (finite? a stop signal on any
+            # rank? a wall-clock checkpoint due by rank 0's clock?), LARS, EMA.
+            outcome = train_step(feed, lr=float(plan.lr[p.step]), weight_decay=float(plan.wd[p.step]),
+                                 tau=float(plan.tau[p.step]), stop_signal=stop.signum,
+                                 checkpoint_due=saver.wall_clock_due(), abort=lambda: bool(feed.bad) or saver.failed)
+            if outcome.abort:  # a rank must stop (and changed nothing this step): every rank stops here
+                _abort(env, feed, saver)
+            report.add(outcome)
+            _count_bad_steps(cfg, outcome, p, report, saver)
+            p.step += 1
+            p.done_in_epoch = step_in_epoch + 1
+            report.stepped()
+            log_due, probe_due = report.due(p.step, step_in_epoch + 1 == plan.steps_per_epoch)
+            if log_due:
+                report.log(outcome.out, p, step_in_epoch, probe_due, saver.take_waited(), net.model,
+                           getattr(feed.loader, "skipped_files", 0))
+            if outcome.stop_signal:
+                p.ended = f"stopped by {signal.Signals(outcome.stop_signal).name}"
+                saver.save()
+                saver.wait()  # on disk before the process exits (torchrun's SIGKILL comes 30 s after)
+                return  # the closing lines say where it stopped, the checkpoint, and how to continue
+            if outcome.checkpoint_due or saver.every_due(p.step):
+                saver.save()
+        else:  # the epoch ran to its end: the next one goes on from the loader's stream
+            p.epoch, p.start_in_epoch, p.done_in_epoch = p.epoch + 1, 0, 0
+            continue
+        return  # max_steps inside the epoch
+
+
+def _abort(env: Env, feed: BatchFeed, saver: Checkpointer) -> None:
+    """A rank asked every rank to stop (this step changed nothing): its reason, raised."""
+    if feed.bad:
+        raise feed.bad[0]
+    if saver.failed:
+        with saver.errors():
+            saver.writer.raise_error()
+    last = f"; last good checkpoint: {saver.last_good()}" if env.main else ""
+    raise _agreed(env, TrainingError(f"another rank stopped the run: its message (in its node's log) says why{last}"))
+
+
+def _count_bad_steps(cfg: Config, outcome, p: Progress, report: RunReport, saver: Checkpointer) -> None:
+    """fp16 overflows (routine early on) and non-finite steps; too many of those in a row stop the run."""
+    if outcome.overflow:
+        p.overflows += 1
+    if not outcome.skipped:
+        p.bad_in_row = 0
+        return
+    p.skipped += 1
+    p.bad_in_row += 1
+    report.dash.print(f"step {p.step + 1}: non-finite loss or gradients; update skipped ({p.bad_in_row} in a row)",
+                      style="yellow")
+    if p.bad_in_row >= cfg.train.max_bad_steps:
+        raise TrainingError(
+            f"{p.bad_in_row} non-finite steps (loss or gradients) in a row (step {p.step + 1}); stopping. "
+            f"Last good checkpoint: {saver.last_good()}. Lower optim.base_lr, try train.amp=bf16, or check the data"
+        )
+
+
+def _out_of_memory(cfg: Config, data: Data, plan: Plan, p: Progress, saver: Checkpointer) -> TrainingError | None:
+    """What a CUDA out-of-memory says: at a DALI epoch boundary or in the first step, what to
+    change; None (the error as it is) elsewhere."""
+    # DALI prepares the next epoch beside the last batches of this one (its pool keeps the
+    # memory after): an out-of-memory there is the boundary's, and says what to change
+    near_boundary = (data.kind == "dali" and data.prepare_ahead == "run" and p.step > p.first_step
+                     and (p.done_in_epoch == 0 or (p.done_in_epoch + 1) * plan.accum
+                          >= data.loader.steps_per_epoch - getattr(data.loader, "prefetch", 2)))
+    if near_boundary:
+        return TrainingError(
+            f"CUDA out of memory at step {p.step + 1}, at an epoch boundary (epoch {p.epoch}, step "
+            f"{p.done_in_epoch + 1} of {plan.steps_per_epoch}: DALI holds one epoch's pipeline and the next one's "
+            "first batches together there); --data.prepare_ahead=build keeps one "
+            "pipeline's memory (the boundary then waits for one batch), or lower --data.batch_size. Last good "
+            f"checkpoint: {saver.last_good()}")
+    if p.step > p.first_step:  # only the first step of this run says what the batch size does
+        return None
+    return TrainingError(
+        f"CUDA out of memory in the first step at data.batch_size={cfg.data.batch_size} per GPU "
+        f"({cfg.model.arch}, views {cfg.data.view1_size}/{cfg.data.view2_size}, amp {cfg.train.amp}); "
+        f"try --data.batch_size={max(cfg.data.batch_size // 2, 1)}")
+
+
+def _finish(cfg: Config, env: Env, out_dir: Path, plan: Plan, p: Progress, saver: Checkpointer, report: RunReport,
+            signum: int) -> dict:
+    """How the run ended and what it wrote; a finished run's backbone exported for torchvision."""
+    last_ckpt = saver.writer.last
     result = {"out_dir": str(out_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
-              "metrics": str(out_dir / "metrics.jsonl"), "step": step, "ended": ended,
-              "skipped_steps": skipped, "fp16_overflows": overflows, "signal": stop.signum, "model": model,
-              "skipped_files": getattr(loader, "skipped_files", 0)}
-    if env.main and ended == "finished" and last_ckpt is not None:
+              "metrics": str(out_dir / "metrics.jsonl"), "step": p.step, "ended": p.ended,
+              "skipped_steps": p.skipped, "fp16_overflows": p.overflows, "signal": signum, "model": saver.net.model,
+              "skipped_files": getattr(saver.loader, "skipped_files", 0)}
+    if env.main and p.ended == "finished" and last_ckpt is not None:
         from fastemd.export import export_checkpoint
 
         backbone = out_dir / "backbone_torchvision.pth"
         export_checkpoint(last_ckpt, backbone, fmt="torchvision", network="online", force=True)
         result["backbone"] = str(backbone)
-    if env.main:
-        if resumed_from and resumed_step >= run_steps:  # resumed at or past the end: nothing trained
-            say(f"fastemd: the run is already complete: its checkpoint is at step {resumed_step} and this run "
-                f"ends at step {run_steps}; raise train.epochs or train.max_steps to train on")
-        else:
-            say(f"fastemd: {ended} at step {step}/{run_steps} ({skipped} skipped)")
-        if ended != "finished" and last_ckpt is not None:
-            say(f"  to continue: {_resume_command(out_dir, env.world_size)}")
-        elif ended == "finished" and run_steps < total_steps:
-            say(f"  to train on: raise --train.max_steps (the schedules span {total_steps} steps) and "
-                f"{_resume_command(out_dir, env.world_size)}")
-        if result["skipped_files"]:
-            whose = "" if env.world_size == 1 else " by rank 0"
-            say(f"  images:     {result['skipped_files']} skipped{whose} (named in the warnings above); "
-                f"`fastemd check-data` lists every unusable file before a run")
-        say(f"  checkpoint: {result['checkpoint']}")
-        say(f"  metrics:    {result['metrics']}")
-        if "backbone" in result:
-            # detectron2 builds ResNet-18/34 with res2 at 64 channels only (the demo's is narrower)
-            detectron2 = cfg.model.arch not in ("resnet18", "resnet34") or cfg.model.width == 64
-            say(f"  backbone:   {result['backbone']} (torchvision resnet state dict"
-                + (f"; `fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)"
-                   if detectron2 else "; `fastemd eval detect` fine-tunes it)"))
-        if last_metrics:
-            say(f"  health:     {monitor.summary()}")
-        if probes:
-            say(f"  online probe: {_probe_summary(probes, now() - run_start, probe.setup_s)}")
-        if result.get("backbone") or last_ckpt:
-            # A falling loss is no evidence of learning (SPEC 7): the probe measures the backbone.
-            from fastemd.demo_data import keyword_scenes
-
-            named = [s for s in cfg.data.sources if keyword_scenes(s)]
-            data = ("demo" if not cfg.data.sources else named[0] if named
-                    else "LABELLED_VAL.json (e.g. instances_val2017.json)")
-            say(f"  is it better than random init? fastemd eval probe {result.get('backbone', last_ckpt)} "
-                f"--data {data}{'' if cfg.data.view1_size == 96 else f' --size {cfg.data.view1_size}'}")
     return result
+
+
+def _closing_lines(cfg: Config, env: Env, out_dir: Path, plan: Plan, p: Progress, result: dict, report: RunReport,
+                   run_seconds: float) -> None:
+    """Rank 0's last words: how it ended, what it wrote, its health, and what to run next."""
+    say, last_ckpt = print, result["checkpoint"]
+    if p.resumed_from and p.resumed_step >= plan.run_steps:  # resumed at or past the end: nothing trained
+        say(f"fastemd: the run is already complete: its checkpoint is at step {p.resumed_step} and this run "
+            f"ends at step {plan.run_steps}; raise train.epochs or train.max_steps to train on")
+    else:
+        say(f"fastemd: {p.ended} at step {p.step}/{plan.run_steps} ({p.skipped} skipped)")
+    if p.ended != "finished" and last_ckpt is not None:
+        say(f"  to continue: {_resume_command(out_dir, env.world_size)}")
+    elif p.ended == "finished" and plan.run_steps < plan.total_steps:
+        say(f"  to train on: raise --train.max_steps (the schedules span {plan.total_steps} steps) and "
+            f"{_resume_command(out_dir, env.world_size)}")
+    if result["skipped_files"]:
+        whose = "" if env.world_size == 1 else " by rank 0"
+        say(f"  images:     {result['skipped_files']} skipped{whose} (named in the warnings above); "
+            f"`fastemd check-data` lists every unusable file before a run")
+    say(f"  checkpoint: {result['checkpoint']}")
+    say(f"  metrics:    {result['metrics']}")
+    if "backbone" in result:
+        # detectron2 builds ResNet-18/34 with res2 at 64 channels only (the demo's is narrower)
+        detectron2 = cfg.model.arch not in ("resnet18", "resnet34") or cfg.model.width == 64
+        say(f"  backbone:   {result['backbone']} (torchvision resnet state dict"
+            + (f"; `fastemd export {last_ckpt} --format detectron2 --output backbone.pkl` for detectron2)"
+               if detectron2 else "; `fastemd eval detect` fine-tunes it)"))
+    if report.last_metrics:
+        say(f"  health:     {report.monitor.summary()}")
+    if report.probes:
+        say(f"  online probe: {_probe_summary(report.probes, run_seconds, report.probe.setup_s)}")
+    if result.get("backbone") or last_ckpt:
+        # A falling loss is no evidence of learning (SPEC 7): the probe measures the backbone.
+        from fastemd.demo_data import keyword_scenes
+
+        named = [s for s in cfg.data.sources if keyword_scenes(s)]
+        data = ("demo" if not cfg.data.sources else named[0] if named
+                else "LABELLED_VAL.json (e.g. instances_val2017.json)")
+        say(f"  is it better than random init? fastemd eval probe {result.get('backbone', last_ckpt)} "
+            f"--data {data}{'' if cfg.data.view1_size == 96 else f' --size {cfg.data.view1_size}'}")
 
 
 def _default_probe_data(cfg: Config) -> str:

@@ -37,8 +37,7 @@ import math
 
 import torch
 
-EPS = 1e-6  # a feature vector with norm <= EPS is the zero vector (no direction, no gradient)
-CROSS_FLOOR = 1e-3  # "cross" weights: relu(.) + CROSS_FLOOR before normalising
+from .emd_constants import CROSS_FLOOR, EPS
 FAST_SHIFT_MIN_GAMMA = 0.025  # exp(-2 / gamma) is a normal fp32 number from here up
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

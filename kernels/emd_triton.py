@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
     HAS_TRITON = False
 
-from .emd import CROSS_FLOOR, EPS
+from .emd_constants import CROSS_FLOOR, EPS
 
 # BLOCK_M * BLOCK_N one program holds in registers without spilling, compiled as launched
 # (AOT check of every tile, sm_80 and sm_90: tests/test_emd_compile.py, BENCHMARKS.md). Before

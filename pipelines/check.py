@@ -217,38 +217,22 @@ def _written_by_check_data(path: Path) -> bool:
     return head.startswith(MANIFEST_HEADER) or head.startswith(REPORT_HEADERS)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Both exist and are one file (a hard or symbolic link counts)."""
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
-
-
 def _output_problem(option: str, path: Path, sources: list[str]) -> str | None:
     """Why `path` cannot take the output of `option` (checked before any image is), or None. An
     existing file is replaced only when check-data wrote it (a rerun); never a source, an image
     or anything else the user has."""
+    from fastemd.paths import input_it_is, unwritable_file
+
     path = path.expanduser()
-    if path.is_symlink() and not path.exists():
-        return f"{option} {path} is a broken link; name a file to write"
-    inputs = [Path(s.partition("::")[0]).expanduser() for s in sources]
-    if path.resolve() in {i.resolve() for i in inputs} or any(_same_file(path, i) for i in inputs):
+    if not path.is_dir() and input_it_is(path, sources):
         return f"{option} {path} is one of the sources; it would be overwritten: write it elsewhere"
-    if path.is_dir():
-        return f"{option} {path} is a folder; name the file to write"
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir():
         return f"{option} {path} is named as an image; name a text file (.txt, .tsv) to write"
     if path.is_file() and path.stat().st_size > 0 and not _written_by_check_data(path):
         return (f"{option} {path} exists and is not a check-data output (an image, a file of yours?); it would be "
                 "overwritten: write it elsewhere")
-    parent = path.parent
-    while not parent.exists():  # the folders to be made: the first existing one must be a writable folder
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{option} {path}: {parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        return f"{option} {path}: not writable"
+    if problem := unwritable_file(path):
+        return f"{option} {path}{' ' if problem.startswith('is ') else ': '}{problem}"
     return None
 
 
@@ -256,12 +240,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
+    from fastemd.paths import same_file
+
     console = Console(stderr=True, soft_wrap=True)  # errors; soft_wrap: a long path stays one line in a log
     out = Console(soft_wrap=True, highlight=False)  # the summary: stdout, beside the progress bar on stderr
     problems = [_output_problem(option, Path(value), args.sources)
                 for option, value in (("--manifest", args.manifest), ("--report", args.report))]
     manifest, report = Path(args.manifest).expanduser(), Path(args.report).expanduser()
-    if manifest.resolve() == report.resolve() or _same_file(manifest, report):
+    if manifest.resolve() == report.resolve() or same_file(manifest, report):
         problems.append(f"--manifest and --report are the same file ({args.manifest})")
     if any(problems):
         console.print(f"[red]error:[/red] {escape(next(p for p in problems if p))}")

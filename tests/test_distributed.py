@@ -209,6 +209,11 @@ try:
     fd.on_every_rank(lambda: interrupted() if rank == 1 else 0, errors=(DataError,), what="x")
 except BaseException as e:
     results["interrupt_every"] = (type(e).__name__, str(e))
+class Unpicklable:  # what share=False keeps on rank 0: an object that could not cross ranks
+    def __reduce__(self):
+        raise TypeError("not to be sent")
+own = fd.from_rank0(Unpicklable, errors=(TrainingError,), what="preparing", share=False)
+results["rank0_only"] = type(own).__name__
 results["host"] = socket.gethostname()
 torch.save(results, f"{sys.argv[1]}/rank{rank}.pt")
 dist.destroy_process_group()
@@ -238,6 +243,8 @@ def test_state_and_errors_cross_from_rank0_unchanged(tmp_path):
     # an interrupt on one rank reaches the others as a failure, not a wait in a collective
     assert r0["interrupt"] == ("KeyboardInterrupt", "")
     assert r1["interrupt"] == ("RankFailure", "rank 0 failed while reading the checkpoint: KeyboardInterrupt: ")
+    # share=False: rank 0's own object, nothing sent; the other ranks get None
+    assert r0["rank0_only"] == "Unpicklable" and r1["rank0_only"] == "NoneType"
     assert r1["interrupt_every"] == ("KeyboardInterrupt", "")
     assert r0["interrupt_every"] == ("RankFailure", f"rank 1 on {host} x: KeyboardInterrupt: ")
 

@@ -609,7 +609,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from fastemd.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_latest, rng_state,
                                     save_checkpoint, set_aside_newer, set_rng_state)
-    from fastemd.train import RunLock, StopSignal, pick_cpu_threads, unwritable_folder
+    from fastemd.paths import unwritable_folder
+    from fastemd.train import RunLock, StopSignal, pick_cpu_threads
 
     _import_torchvision()
     schedule = SCHEDULES[args.schedule]

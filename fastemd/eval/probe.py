@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -573,25 +572,18 @@ def _check_output(path: str | None, inputs: tuple[str, ...] = (), force: bool = 
     """Why --output cannot be written (checked before minutes of work), or None: never one of the
     command's inputs (the backbone, the data's json; links followed), an existing file only with
     --force (as `fastemd export`)."""
+    from fastemd.paths import input_it_is, unwritable_file
+
     if not path:
         return None
     out = Path(path)
-    if out.is_dir():
-        return f"--output {path}: is a folder; name the JSON file to write"
-    if out.exists():
-        for given in inputs:
-            given = given.partition("::")[0]  # ANN.json::IMAGE_DIR reads ANN.json
-            try:
-                if out.samefile(given):
-                    return f"--output {path} is the file read as {given}; it would be overwritten: write it elsewhere"
-            except OSError:
-                continue  # an input that is not there is reported by its own check
+    if out.is_file():
+        if given := input_it_is(out, inputs):
+            return f"--output {path} is the file read as {given}; it would be overwritten: write it elsewhere"
         if not force:
             return f"--output {path}: exists; pass --force to replace it"
-    if not out.parent.is_dir():
-        return f"--output {path}: folder {out.parent} does not exist"
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        return f"--output {path}: not writable"
+    if problem := unwritable_file(out, make_parents=False):
+        return f"--output {path}: {problem.replace('name the file', 'name the JSON file')}"
     return None
 
 
