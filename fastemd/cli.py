@@ -228,10 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="measure throughput: data, emd, step, e2e",
                              description="Throughput benchmarks. Each prints a table; --json prints one JSON object.")
     psub = profile.add_subparsers(dest="what", metavar="WHAT", required=True)
-    _add_delegated(psub, "data", "fastemd.profile_data", "pairs/s of the DALI pipeline and the PyTorch loader")
-    _add_delegated(psub, "emd", "fastemd.profile_emd", "EMD similarity: torch, compiled torch, Triton, POT")
-    _add_delegated(psub, "step", "fastemd.profile", "the training step on synthetic data: the optimisation ladder")
-    _add_delegated(psub, "e2e", "fastemd.profile", "the real data pipeline plus the training step")
+    _add_delegated(psub, "data", "fastemd.profile.data", "pairs/s of the DALI pipeline and the PyTorch loader")
+    _add_delegated(psub, "emd", "fastemd.profile.emd", "EMD similarity: torch, compiled torch, Triton, POT")
+    _add_delegated(psub, "step", "fastemd.profile.step", "the training step on synthetic data: the optimisation ladder")
+    _add_delegated(psub, "e2e", "fastemd.profile.step", "the real data pipeline plus the training step")
     _add_delegated(sub, "check-data", "fastemd.pipelines.check",
                    "check every image of the sources; write a manifest of good files and a report of bad ones")
     _add_delegated(sub, "export", "fastemd.export", "export a pretrained backbone for torchvision or detectron2")

@@ -1,4 +1,4 @@
-"""`train(cfg)`: Self-EMD pretraining, one function that reads top to bottom.
+"""`train(cfg)`: Self-EMD pretraining. `_train` tells the run as a story a screen long; each step is a named function or object below.
 
     sources -> two-view loader (sharded) -> SelfEMD forward (AMP, channels_last, compiled)
     -> backward -> LARS step -> EMA update of the target -> metrics -> checkpoint -> export

@@ -222,6 +222,53 @@ def test_summary_of_a_gpu_run_merges_the_emd_rows_and_names_what_the_ladder_ran(
     assert results["figures"]["e2e_epochs"]["boundaries"]["after"]["stall_ms"] == 4.0
 
 
+def test_the_summary_module_needs_only_the_standard_library_and_is_the_scripts_table(tmp_path):
+    """fastemd/profile/gpu_check.py runs by path before fastemd is installed: with `python -S` (no
+    site-packages: no torch, no fastemd) it prints the same table as `gpu_check.sh --summary`."""
+    from fastemd.profile import gpu_check
+
+    logs = tmp_path / "gc"
+    _gpu_logs(logs)
+    module = Path(gpu_check.__file__)
+    alone = subprocess.run([sys.executable, "-S", str(module), str(logs), "480", "?"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 0, alone.stderr
+    script = subprocess.run(["bash", str(TOOLS / "gpu_check.sh"), "--summary", str(logs)], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert alone.stdout == script.stdout and "figures:" in alone.stdout
+    text, results = gpu_check.summarize(logs, "480", "?")
+    assert text == alone.stdout.rstrip("\n") and results["device"] == "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("status, words", [
+    (("0", "20", "60"), "ok in 20 s (limit 60 s)"),
+    (("nobudget", "0", "3"), "SKIPPED: 3 s left of the 480 s budget, too little to start"),
+    (("nodali", "0", "0"), "skipped: DALI is not installed (the optional second call carries it)"),
+    (("interrupted", "12", "60"), "INTERRUPTED by a signal after 12 s: its log so far is kept"),
+    (("124", "60", "60"), "TIMED OUT at its 60 s limit (60 s): what it finished is below"),
+    (("137", "70", "60"), "TIMED OUT at its 60 s limit (70 s, ignored SIGTERM: killed): what it finished is below"),
+    (("124", "5", "60"), "FAILED: exit 124 after 5 s, see part.log"),  # a 124 of its own, not the timeout's
+    (("1", "5", "60"), "FAILED: exit 1 after 5 s, see part.log"),
+])
+def test_each_part_status_in_words(status, words):
+    from fastemd.profile.gpu_check import describe
+
+    assert describe(*status, budget="480", name="part") == words
+
+
+def test_a_part_cut_short_counts_its_last_whole_json_line(tmp_path):
+    """The last JSON line that parses is the part's report (a cut run leaves a half line after it);
+    a part that never started has none, whatever its folder holds."""
+    from fastemd.profile.gpu_check import Logs
+
+    (tmp_path / "status.txt").write_text("profile_emd 124 60 60\n")
+    (tmp_path / "profile_emd.log").write_text('noise\n{"results": [1]}\n{"results": [1, 2]}\n{"results": [1, 2, \n')
+    (tmp_path / "profile_step.log").write_text('{"rungs": []}\n')  # a stale log of a part not run this time
+    logs = Logs(tmp_path)
+    assert logs.last_json("profile_emd") == {"results": [1, 2]}
+    assert logs.last_json("profile_step") is None
+
+
 def _bundle(root: Path, files: dict[str, bytes], parts: int) -> str:
     """What tools/device_bundle.sh writes: an xz tar split into `parts` pieces plus part1/MANIFEST."""
     raw = io.BytesIO()

@@ -178,7 +178,7 @@ def test_profile_refuses_bad_arguments_before_measuring(tmp_path, monkeypatch, a
     fill = dict(file=tmp_path / "notes.txt", tmp=tmp_path, png=tmp_path / "old.png")
     argv = [a.format(**fill) for a in argv]
     measured = []
-    monkeypatch.setattr("fastemd.profile.Step", lambda *a, **k: measured.append(a))  # no step may be built
+    monkeypatch.setattr("fastemd.profile.step.Step", lambda *a, **k: measured.append(a))  # no step may be built
     with pytest.raises(SystemExit, match=re.escape(message.format(**fill))):
         main(["profile", *argv, "--device", "cpu", *TINY])
     assert not measured and (tmp_path / "notes.txt").read_text() == "mine"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fastemd import profile_data
+from fastemd.profile import data as profile_data
 
 
 def test_json_report_has_a_row_per_loader_and_view(capsys):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fastemd import profile_emd
+from fastemd.profile import emd as profile_emd
 
 
 def _args(*argv):
