@@ -1,4 +1,4 @@
-"""`train(cfg)`: Self-EMD pretraining. `_train` tells the run as a story a screen long; each step is a named function or object below.
+"""`train(cfg)`: Self-EMD pretraining; `_train` tells the run in a screen, each step named below.
 
     sources -> two-view loader (sharded) -> SelfEMD forward (AMP, channels_last, compiled)
     -> backward -> LARS step -> EMA update of the target -> metrics -> checkpoint -> export
@@ -74,6 +74,7 @@ from fastemd.dashboard import now
 from fastemd.distributed import from_rank0, on_every_rank
 from fastemd.optim import global_batch_lr
 from fastemd.paths import unwritable_folder
+from fastemd.threads import pick_cpu_threads
 from fastemd.pipelines.sources import DataError
 from fastemd.reporting import RunReport
 from fastemd.step import TrainStep, compile_for_training
@@ -119,25 +120,6 @@ def setup_distributed(device_choice: str) -> Env:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
     return Env(rank, world_size, local_rank, device)
-
-
-def pick_cpu_threads(requested: int, loader_threads: int, local_ranks: int = 1) -> int:
-    """Set torch's intra-op threads for a CPU run and return the count: `requested`, or for 0 the
-    cores this process may use, shared by the `local_ranks` processes of the node, less the
-    loader's `loader_threads` (DALI threads or loader processes), at least 1; with 0 and
-    OMP_NUM_THREADS set (by the user, or by torchrun), torch's setting is kept. torch's default
-    takes every core: beside the loader's workers that oversubscribes them, and its OpenMP
-    threads then wait on each other (on a shared 2-core machine a demo step went from 0.15 s to
-    11-16 s; BENCHMARKS.md, "CPU threads")."""
-    if requested > 0:
-        threads = requested
-    elif os.environ.get("OMP_NUM_THREADS"):  # the user (or torchrun) chose: keep it
-        return torch.get_num_threads()
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // max(1, local_ranks) - loader_threads)
-    torch.set_num_threads(threads)
-    return threads
 
 
 def resolve_data(cfg: Config, env: Env) -> list[str]:

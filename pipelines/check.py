@@ -196,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", help="COCO json files, image folders or manifests")
     parser.add_argument("--manifest", default="manifest.txt", help="where to write the good files (default: %(default)s)")
     parser.add_argument("--report", default="bad_files.tsv", help="where to write the bad files and why (default: %(default)s)")
-    from fastemd.cli import positive_int
+    from fastemd.options import positive_int
 
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes (default: all cores)")

@@ -24,15 +24,19 @@ from torch import nn
 
 from fastemd.cli import main
 from fastemd.demo_data import make_demo_data
-from fastemd.eval import detect
-from fastemd.eval.detect import SCHEDULES, DetectError, TrainBatches, lr_at
+from fastemd.eval.detection import DetectError
+from fastemd.eval.detection import data as detect_data
+from fastemd.eval.detection import model as detect_model
+from fastemd.eval.detection import scoring
+from fastemd.eval.detection.data import TrainBatches
+from fastemd.eval.detection.schedules import SCHEDULES, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchvision_works() -> bool:
     try:
-        detect._import_torchvision()
+        detect_model.import_torchvision()
         return True
     except DetectError:
         return False
@@ -111,7 +115,7 @@ def test_precise_bn_is_the_plain_average_over_batches():
 
     batches = [[list(torch.randn(4, 3, 5, 5) * (k + 1) + k), [{"boxes": torch.zeros(0, 4),
                "labels": torch.zeros(0, dtype=torch.long)}] * 4] for k in range(3)]
-    detect.precise_bn(Model(), [(b[0], b[1]) for b in batches], torch.device("cpu"), count=3)
+    detect_model.precise_bn(Model(), [(b[0], b[1]) for b in batches], torch.device("cpu"), count=3)
     stacked = [torch.stack(b[0]) for b in batches]
     mean = torch.stack([x.mean((0, 2, 3)) for x in stacked]).mean(0)
     var = torch.stack([x.transpose(0, 1).reshape(3, -1).var(1) for x in stacked]).mean(0)
@@ -120,15 +124,15 @@ def test_precise_bn_is_the_plain_average_over_batches():
 
 
 def test_coco_ap_of_the_ground_truth_is_100_and_of_nothing_0(demo):
-    val = detect.load_detection_set(demo[1], "val")
+    val = detect_data.load_detection_set(demo[1], "val")
     truth = json.loads(Path(demo[1]).read_text())
     perfect = [{"image_id": a["image_id"], "bbox": a["bbox"], "score": 1.0, "category_id": a["category_id"]}
                for a in truth["annotations"]]
-    ap = detect.coco_ap(val, perfect)
+    ap = scoring.coco_ap(val, perfect)
     assert ap["AP"] == pytest.approx(100.0) and ap["AP50"] == pytest.approx(100.0)
     shifted = [{**r, "bbox": [r["bbox"][0] + r["bbox"][2], *r["bbox"][1:]]} for r in perfect]  # no overlap
-    assert detect.coco_ap(val, shifted)["AP"] == pytest.approx(0.0)
-    assert detect.coco_ap(val, []) == {name: 0.0 for name in detect.AP_NAMES}
+    assert scoring.coco_ap(val, shifted)["AP"] == pytest.approx(0.0)
+    assert scoring.coco_ap(val, []) == {name: 0.0 for name in scoring.AP_NAMES}
 
 
 def test_predictions_carry_the_jsons_category_ids_and_boxes_in_xywh(tmp_path):
@@ -144,7 +148,7 @@ def test_predictions_carry_the_jsons_category_ids_and_boxes_in_xywh(tmp_path):
             "categories": [{"id": 42, "name": "c"}, {"id": 5, "name": "a"}, {"id": 9, "name": "b"}]}
     path = tmp_path / "annotations" / "instances_val2017.json"
     path.write_text(json.dumps(coco))
-    data = detect.load_detection_set(path, "val")
+    data = detect_data.load_detection_set(path, "val")
     assert [c["id"] for c in data.categories] == [5, 9, 42] and data.labels[7].tolist() == [2]
 
     class StandIn(nn.Module):
@@ -153,15 +157,15 @@ def test_predictions_carry_the_jsons_category_ids_and_boxes_in_xywh(tmp_path):
             return [{"boxes": torch.tensor([[10.0, 5.0, 30.0, 35.0]]), "scores": torch.tensor([0.9]),
                      "labels": torch.tensor([2])}]
 
-    results = detect.predict(StandIn(), data, torch.device("cpu"), batch=1, rank=0, world=1, workers=0, amp=False)
+    results = scoring.predict(StandIn(), data, torch.device("cpu"), batch=1, rank=0, world=1, workers=0, amp=False)
     assert results == [{"image_id": 7, "bbox": [10.0, 5.0, 20.0, 30.0], "score": 0.9, "category_id": 9}]
-    ap = detect.coco_ap(data, results)  # COCOeval on the loaded json: "area" filled in
+    ap = scoring.coco_ap(data, results)  # COCOeval on the loaded json: "area" filled in
     assert ap["AP"] == pytest.approx(100.0) and ap["APs"] == pytest.approx(100.0)  # 20 x 30: small
     assert ap["APm"] is None and ap["APl"] is None  # no medium or large object: COCOeval -1, not 0
 
 
 def test_loaded_boxes_are_corners_and_labels_contiguous(demo):
-    train = detect.load_detection_set(demo[0], "train")
+    train = detect_data.load_detection_set(demo[0], "train")
     truth = json.loads(Path(demo[0]).read_text())
     first = truth["annotations"][0]
     x, y, w, h = first["bbox"]
@@ -190,7 +194,7 @@ def test_fine_tune_end_to_end_on_the_demo_data(demo, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "detect.json").read_text())
     assert report["iterations"] == 6 and report["batch"] == 2 and report["arch"] == "resnet18"
-    for name in detect.AP_NAMES:
+    for name in scoring.AP_NAMES:
         assert 0.0 <= report[name] <= 100.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [6]  # tiny logs every 10, and at the end
@@ -204,19 +208,19 @@ def test_every_backbone_parameter_and_bn_trains(demo):
     """Nothing frozen (detectron2's FREEZE_AT 0): the stem and res2 move, and BN is plain, trained BN."""
     from fastemd.eval.probe import random_backbone
 
-    train = detect.load_detection_set(demo[0], "train")
+    train = detect_data.load_detection_set(demo[0], "train")
     backbone = random_backbone("resnet18", 8, seed=0)
-    model = detect.build_detector(backbone, len(train.categories), SCHEDULES["tiny"])
+    model = detect_model.build_detector(backbone, len(train.categories), SCHEDULES["tiny"])
     assert all(p.requires_grad for p in model.parameters())
     norms = [m for m in model.modules() if type(m).__name__.endswith(("Norm", "Norm2d"))]
     assert len(norms) > 20 and all(type(m) is nn.BatchNorm2d for m in norms)  # not torchvision's FrozenBatchNorm2d
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.roi_heads.box_head.modules()) == 4  # 4conv1fc, BN
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.fpn.modules()) == 8  # FPN lateral + output
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    dataset = detect._Images(train, [r["id"] for r in train.images if r["id"] in train.boxes])
-    images, targets = detect._collate([dataset[(0, False)], dataset[(1, True)]])
-    images, targets = detect._to_device(images, targets, torch.device("cpu"))
-    optimizer = torch.optim.SGD(detect._param_groups(model, 1e-4), lr=0.01, momentum=0.9)
+    dataset = detect_data.Images(train, [r["id"] for r in train.images if r["id"] in train.boxes])
+    images, targets = detect_data.collate([dataset[(0, False)], dataset[(1, True)]])
+    images, targets = detect_data.to_device(images, targets, torch.device("cpu"))
+    optimizer = torch.optim.SGD(detect_model.param_groups(model, 1e-4), lr=0.01, momentum=0.9)
     model.train()
     sum(model(images, targets).values()).backward()
     optimizer.step()

@@ -795,7 +795,7 @@ def test_cuda_training_as_by_default_compiled_then_resumed(demo_json, tmp_path, 
 def test_cpu_threads_leave_the_loaders_cores_alone(monkeypatch):
     """train.cpu_threads=0: the cores this process may use, per local rank, less the loader's
     workers, at least 1; an explicit count wins; OMP_NUM_THREADS set by the user is kept."""
-    from fastemd.train import pick_cpu_threads
+    from fastemd.threads import pick_cpu_threads
 
     before = torch.get_num_threads()
     try:

@@ -495,21 +495,8 @@ def run_probe(backbone: Backbone, data: ProbeData, splits: int = 3, seed: int = 
 # Command line ---------------------------------------------------------------------------------
 
 
-def _int_in(low: int, high: int, why: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high} ({why}), got {text}")
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastemd.cli import int_in, nonneg_int
+    from fastemd.options import int_in, nonneg_int
     from fastemd.config import MAX_VIEW_SIZE, SEED_MAX
 
     positive_int = int_in(1, 1000)  # splits, draws, box sides: small counts
@@ -521,12 +508,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'demo': the demo dataset's held-out split ('demo-non-iconic': of its non-iconic scenes)")
     parser.add_argument("--network", default=None, choices=["online", "target"],
                         help="for a training checkpoint: which backbone (default online)")
-    parser.add_argument("--size", type=_int_in(32, MAX_VIEW_SIZE, "px: the network's stride at least; 64 and up give C5 "
+    parser.add_argument("--size", type=int_in(32, MAX_VIEW_SIZE, "px: the network's stride at least; 64 and up give C5 "
                         "maps beyond 1x1"),
                         default=96, help="object crops and views are SIZE x SIZE (default 96, the demo's view size; "
                         "224 for a COCO backbone)")
     parser.add_argument("--splits", type=positive_int, default=3, help="grouped splits and random inits (default 3)")
-    parser.add_argument("--seed", type=_int_in(0, SEED_MAX - 1000, "split k uses seed + k"), default=0,
+    parser.add_argument("--seed", type=int_in(0, SEED_MAX - 1000, "split k uses seed + k"), default=0,
                         help="split k uses seed + k (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.5, help="share of the images held out (default 0.5)")
     parser.add_argument("--view-draws", type=positive_int, default=4, help="pairs of views of every image per split "
@@ -534,7 +521,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-box", type=positive_int, default=8, help="smallest box side kept, px (default 8)")
     parser.add_argument("--max-images", type=nonneg_int, default=1000, help="use the first N labelled images "
                         "(default 1000; 0: all)")
-    parser.add_argument("--batch-size", type=_int_in(2, 65536, "train-mode BatchNorm needs two inputs"), default=128,
+    parser.add_argument("--batch-size", type=int_in(2, 65536, "train-mode BatchNorm needs two inputs"), default=128,
                         help="images per forward (default 128)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -588,7 +575,7 @@ def _check_output(path: str | None, inputs: tuple[str, ...] = (), force: bool = 
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastemd.train import pick_cpu_threads
+    from fastemd.threads import pick_cpu_threads
 
     def fail(message: str) -> int:
         print(f"fastemd eval probe: error: {message}", file=sys.stderr)

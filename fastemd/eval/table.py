@@ -171,7 +171,7 @@ def _earlier_run_problem(run_dir: Path, cfg) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastemd.cli import positive_int
+    from fastemd.options import positive_int
 
     parser.add_argument("--out", default="runs/learning_table",
                         help="a new (or empty) folder for the runs, logs and the table (default runs/learning_table)")
@@ -190,93 +190,139 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra overrides of the demo preset for every run (e.g. train.epochs=10 for a quick look)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from fastemd.config import ConfigError, resolve
-    from fastemd.demo_data import ensure_demo_data
-    from fastemd.eval.probe import ProbeError, load_backbone, load_probe_data, resolve_probe_data, run_probe
-    from fastemd.train import TrainingError, train
+class TableError(ValueError):
+    """A table that cannot be made or continued: one line (exit status 2, or 1 for a run that failed)."""
 
-    def fail(message: str, status: int = 2) -> int:
-        print(f"fastemd eval table: error: {message}", file=sys.stderr)
-        return status
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def run(args: argparse.Namespace) -> int:
+    """The table's story: arguments checked; every seed's runs (trained, or reused with --resume)
+    probed; the rows, per-seed values and paired differences written."""
+    from fastemd.eval.probe import ProbeError, load_probe_data, resolve_probe_data
 
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = _seeds(args.seeds)
+        base, out = _base_and_out(args)
+        keyword = "demo" if args.scenes == "iconic" else f"demo-{args.scenes}"
+        try:
+            probe_data = load_probe_data(resolve_probe_data(keyword), base.data.view1_size)
+        except ProbeError as e:
+            raise TableError(str(e)) from None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TableError(f"--out {out}: {e.strerror or e}") from None
+        started = time.perf_counter()
+        per_seed: dict[str, list[dict]] = {name: [] for name in [*VARIANTS, *([] if args.no_control else [SUPERVISED])]}
+        for seed in seeds:
+            for name, overrides in VARIANTS.items():
+                backbone = _variant_backbone(args, out, keyword, name, overrides, seed, started)
+                if isinstance(backbone, int):  # stopped by a signal: the runs so far stay in OUT
+                    return backbone
+                per_seed[name].append(_probe(backbone, probe_data, args.splits, base.data.view1_size))
+            if not args.no_control:
+                backbone = _control_backbone(args, out, base, seed, started)
+                per_seed[SUPERVISED].append(_probe(backbone, probe_data, args.splits, base.data.view1_size))
+    except TableError as e:
+        print(f"fastemd eval table: error: {e}", file=sys.stderr)
+        return e.status
+    _write_table(args, out, seeds, per_seed, started)
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    from fastemd.config import SEED_MAX
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         seeds = []
     if not seeds:
-        return fail(f"--seeds must be integers separated by commas, got {args.seeds!r}")
+        raise TableError(f"--seeds must be integers separated by commas, got {text!r}")
     if len(set(seeds)) != len(seeds):  # one run folder a seed; a seed twice would count one run twice
-        return fail(f"--seeds names a seed twice ({args.seeds}); each seed once")
-    from fastemd.config import SEED_MAX
-
+        raise TableError(f"--seeds names a seed twice ({text}); each seed once")
     if not all(0 <= s <= SEED_MAX for s in seeds):  # found now, not after the first seed's runs
-        return fail(f"--seeds must be integers from 0 to {SEED_MAX}, got {args.seeds}")
-    base = resolve("demo", None, list(args.overrides))  # validated before anything is written
+        raise TableError(f"--seeds must be integers from 0 to {SEED_MAX}, got {text}")
+    return seeds
+
+
+def _base_and_out(args: argparse.Namespace):
+    """The demo preset with the overrides (validated before anything is written) and OUT, checked."""
+    from fastemd.config import resolve
+
+    base = resolve("demo", None, list(args.overrides))  # a ConfigError: the command line's one-line error
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        return fail(f"--out {out}: is not a folder; pass a new folder")
+        raise TableError(f"--out {out}: is not a folder; pass a new folder")
     if out.exists() and any(out.iterdir()) and not args.resume:
-        return fail(f"--out {out}: is not empty (an earlier table); pass a new folder, or --resume to continue it")
-    keyword = "demo" if args.scenes == "iconic" else f"demo-{args.scenes}"
-    try:
-        probe_data = load_probe_data(resolve_probe_data(keyword), base.data.view1_size)
-    except ProbeError as e:
-        return fail(str(e))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return fail(f"--out {out}: {e.strerror or e}")
-    per_seed: dict[str, list[dict]] = {name: [] for name in [*VARIANTS, *([] if args.no_control else [SUPERVISED])]}
-    started = time.perf_counter()
-    for seed in seeds:
-        for name, overrides in VARIANTS.items():
-            slug = name.split(" (")[0].replace(" ", "_").replace("-", "").lower()
-            run_dir = out / f"{slug}_seed{seed}"
-            cfg = resolve("demo", None, [f"data.sources={keyword}", f"eval.data={keyword}", *args.overrides, *overrides,
-                                         f"train.seed={seed}", f"train.out_dir={run_dir}", "log.dashboard=plain"])
-            if args.resume:
-                problem = _earlier_run_problem(run_dir, cfg)
-                if problem:
-                    return fail(problem)
-            finished = run_dir / "backbone_torchvision.pth"  # exported once a run finishes, never before
-            if args.resume and finished.is_file():
-                print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: {name}: finished earlier, reused "
-                      f"({run_dir})", flush=True)
-            else:
-                partial = args.resume and (run_dir / "config.toml").is_file()
-                if partial:
-                    cfg.train.resume = "auto"
-                print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: "
-                      f"{'resuming' if partial else 'training'} {name} -> {run_dir}", flush=True)
-                try:  # a resumed run's log goes on below the interrupted one's
-                    with open(out / f"{slug}_seed{seed}.log", "a" if partial else "w") as log, \
-                            contextlib.redirect_stdout(log):
-                        result = train(cfg)
-                except (TrainingError, ConfigError) as e:
-                    return fail(f"{name}, seed {seed}: {e}", 1)
-                if result["signal"]:  # stopped (Ctrl-C, SIGTERM): the runs so far stay in OUT
-                    print(f"fastemd eval table: {result['ended']} during {name}, seed {seed}; runs so far in {out}; "
-                          f"the same command with --resume continues", file=sys.stderr)
-                    return 128 + result["signal"]
-                if "backbone" not in result:
-                    return fail(f"{name}, seed {seed}: the run {result['ended']} without a backbone "
-                                f"({out / f'{slug}_seed{seed}.log'})", 1)
-            backbone = load_backbone(str(finished))
-            per_seed[name].append(run_probe(backbone, probe_data, args.splits, size=base.data.view1_size))
-        if args.no_control:
-            continue
-        control_path = out / f"supervised_seed{seed}.pth"  # saved whole, once trained
-        if args.resume and control_path.is_file():
-            print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: the supervised control: trained earlier, "
-                  "reused", flush=True)
-        else:
-            print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: training the supervised control", flush=True)
-            control = train_supervised_control(ensure_demo_data(scenes=args.scenes), base.model.arch,
-                                               base.model.width, base.data.view1_size, seed, epochs=args.control_epochs)
-            torch.save(control.state_dict(), control_path)
-        backbone = load_backbone(str(control_path))
-        per_seed[SUPERVISED].append(run_probe(backbone, probe_data, args.splits, size=base.data.view1_size))
+        raise TableError(f"--out {out}: is not empty (an earlier table); pass a new folder, or --resume to continue it")
+    return base, out
+
+
+def _variant_backbone(args, out: Path, keyword: str, name: str, overrides: list[str], seed: int, started: float):
+    """The final online backbone of one variant and seed: trained (a stopped run resumed), or with
+    --resume reused when its run finished; an exit status when a signal stopped the run."""
+    from fastemd.config import ConfigError, resolve
+    from fastemd.train import TrainingError, train
+
+    slug = name.split(" (")[0].replace(" ", "_").replace("-", "").lower()
+    run_dir = out / f"{slug}_seed{seed}"
+    cfg = resolve("demo", None, [f"data.sources={keyword}", f"eval.data={keyword}", *args.overrides, *overrides,
+                                 f"train.seed={seed}", f"train.out_dir={run_dir}", "log.dashboard=plain"])
+    if args.resume and (problem := _earlier_run_problem(run_dir, cfg)):
+        raise TableError(problem)
+    finished = run_dir / "backbone_torchvision.pth"  # exported once a run finishes, never before
+    if args.resume and finished.is_file():
+        print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: {name}: finished earlier, reused ({run_dir})",
+              flush=True)
+        return finished
+    partial = args.resume and (run_dir / "config.toml").is_file()
+    if partial:
+        cfg.train.resume = "auto"
+    print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: {'resuming' if partial else 'training'} {name} -> "
+          f"{run_dir}", flush=True)
+    log_path = out / f"{slug}_seed{seed}.log"
+    try:  # a resumed run's log goes on below the interrupted one's
+        with open(log_path, "a" if partial else "w") as log, contextlib.redirect_stdout(log):
+            result = train(cfg)
+    except (TrainingError, ConfigError) as e:
+        raise TableError(f"{name}, seed {seed}: {e}", 1) from None
+    if result["signal"]:
+        print(f"fastemd eval table: {result['ended']} during {name}, seed {seed}; runs so far in {out}; "
+              f"the same command with --resume continues", file=sys.stderr)
+        return 128 + result["signal"]
+    if "backbone" not in result:
+        raise TableError(f"{name}, seed {seed}: the run {result['ended']} without a backbone ({log_path})", 1)
+    return finished
+
+
+def _control_backbone(args, out: Path, base, seed: int, started: float) -> Path:
+    """The supervised control of one seed: trained, or with --resume reused (saved whole, once trained)."""
+    from fastemd.demo_data import ensure_demo_data
+
+    path = out / f"supervised_seed{seed}.pth"
+    if args.resume and path.is_file():
+        print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: the supervised control: trained earlier, reused",
+              flush=True)
+        return path
+    print(f"[{time.perf_counter() - started:6.0f} s] seed {seed}: training the supervised control", flush=True)
+    control = train_supervised_control(ensure_demo_data(scenes=args.scenes), base.model.arch, base.model.width,
+                                       base.data.view1_size, seed, epochs=args.control_epochs)
+    torch.save(control.state_dict(), path)
+    return path
+
+
+def _probe(backbone: Path, probe_data, splits: int, size: int) -> dict:
+    from fastemd.eval.probe import load_backbone, run_probe
+
+    return run_probe(load_backbone(str(backbone)), probe_data, splits, size=size)
+
+
+def _write_table(args, out: Path, seeds: list[int], per_seed: dict[str, list[dict]], started: float) -> None:
+    """The rows (random init first), the paired differences; OUT/table.md, OUT/table.json, stdout."""
     # Every probe measures the same random inits on the same splits: one row, spread over its splits.
     first = next(iter(per_seed.values()))[0]
     rows = {RANDOM: {name: {k: m["random"][k] for k in ("mean", "std", "values")}
@@ -291,4 +337,3 @@ def run(args: argparse.Namespace) -> int:
                                                 "seconds": round(time.perf_counter() - started)}, indent=1) + "\n")
     print(table)
     print(f"({time.perf_counter() - started:.0f} s; {out / 'table.md'}, {out / 'table.json'})")
-    return 0

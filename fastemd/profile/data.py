@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastemd.cli import int_in, nonneg_float, positive_int
+from fastemd.options import int_in, nonneg_float, positive_int
 from fastemd.pipelines import BadImageError, build_two_view_loader, resolve_sources
 
 

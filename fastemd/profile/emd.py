@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from fastemd.cli import int_in, nonneg_float, positive_float, positive_int_list
+from fastemd.options import int_in, nonneg_float, positive_float, positive_int_list
 from fastemd.kernels import emd_similarity, emd_similarity_reference
 
 IMPLS = ("torch", "compile", "triton", "pot-batch", "pot-loop")  # the rows it can measure

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from fastemd.cli import int_in, nonneg_int, positive_int
+from fastemd.options import int_in, nonneg_int, positive_int
 
 RUNGS = ("fp32", "channels_last", "amp", "compile", "triton")
 

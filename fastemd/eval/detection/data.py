@@ -1,0 +1,236 @@
+"""The detection data: a labelled COCO json checked and loaded (`load_detection_set`), its images as
+a dataset (`Images`), the batches of each iteration (`TrainBatches`), and the loaders over them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastemd.eval.detection import DetectError
+
+
+@dataclass
+class DetectionSet:
+    json_path: Path
+    images: list[dict]  # {"id", "path", "width", "height"}, by id
+    boxes: dict[int, np.ndarray]  # image id -> (n, 4) float32 x1 y1 x2 y2, crowd boxes left out
+    labels: dict[int, np.ndarray]  # image id -> (n,) int64, 1..K (0 is the background)
+    categories: list[dict]  # {"id", "name"}, by id; label k is categories[k - 1]
+    malformed: int  # annotations without a usable box, skipped
+    coco: dict | None  # val only: the json as COCOeval reads it (its valid annotations, area and iscrowd filled in)
+
+
+def resolve_data(value: str, split: str) -> Path:
+    """`demo` (`demo-non-iconic`): the demo dataset's `split` (of its non-iconic scenes), made on
+    first use; else the path given."""
+    from fastemd.demo_data import cache_dir, ensure_demo_data, keyword_scenes
+
+    scenes = keyword_scenes(value)
+    if scenes is None:
+        return Path(value)
+    try:
+        return ensure_demo_data(split=split, scenes=scenes)
+    except OSError as e:
+        raise DetectError(f"cannot write the demo dataset under {cache_dir(scenes)} ({e.strerror or e}); "
+                          "set FASTEMD_CACHE to a writable folder") from None
+
+
+def load_detection_set(source: str | Path, role: str) -> DetectionSet:
+    """A labelled COCO json (images in COCO's layout beside it, or ``ANN.json::IMAGE_DIR``); `role`
+    ("train" or "val") names the option in messages, and "val" keeps COCOeval's ground truth."""
+    from fastemd.pipelines.sources import _coco_image_dir
+
+    text, _, image_dir = str(source).partition("::")
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise DetectError(f"--{role} {path}: {'is a folder' if path.is_dir() else 'no such file'}; expected a "
+                          "labelled COCO json (instances_*.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DetectError(f"--{role} {path}: not valid json ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
+        raise DetectError(f"--{role} {path}: no 'images' list; expected a labelled COCO json")
+    annotations, categories = data.get("annotations"), data.get("categories")
+    if not isinstance(annotations, list) or not annotations:
+        raise DetectError(f"--{role} {path}: no annotations (an unlabelled set, like image_info_*.json?); "
+                          "detection needs box labels")
+    if not isinstance(categories, list) or not categories or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) for c in categories):
+        raise DetectError(f"--{role} {path}: no 'categories' list of {{id, name}} records")
+    try:
+        root = Path(image_dir).expanduser() if image_dir else _coco_image_dir(path)
+    except ValueError as e:
+        raise DetectError(f"--{role} {e}") from None
+    if not root.is_dir():
+        raise DetectError(f"--{role} {path}: image folder {root} not found (write ANN.json::IMAGE_DIR to name it)")
+    categories = sorted(({"id": c["id"], "name": str(c.get("name", c["id"]))} for c in categories),
+                        key=lambda c: c["id"])
+    label_of = {c["id"]: k + 1 for k, c in enumerate(categories)}
+    images = []
+    for record in data["images"]:
+        if (not isinstance(record, dict) or not isinstance(record.get("file_name"), str)
+                or not isinstance(record.get("id"), int)):
+            raise DetectError(f"--{role} {path}: bad image record {str(record)[:80]}; expected an integer id "
+                              "and a file_name")
+        images.append({"id": record["id"], "path": str(root / record["file_name"]),
+                       "width": record.get("width"), "height": record.get("height")})
+    from fastemd.pipelines.sources import coco_id_problem
+
+    ids = [a.get("id") if isinstance(a, dict) else None for a in annotations]
+    if not all(isinstance(i, int) for i in ids):
+        raise DetectError(f"--{role} {path}: an annotation has no integer id; COCOeval needs one integer id per "
+                          "annotation")
+    if problem := coco_id_problem(data["images"], annotations):
+        raise DetectError(f"--{role} {path}: {problem}")
+    images.sort(key=lambda r: r["id"])
+    known = {r["id"] for r in images}
+    missing = [r["path"] for r in images if not os.path.isfile(r["path"])]
+    if missing:  # found now, not at hour 10 of a fine-tune
+        raise DetectError(f"--{role} {path}: {len(missing)} of its {len(images)} images are not in {root} (first: "
+                          f"{missing[0]}); write ANN.json::IMAGE_DIR to name the folder")
+    boxes, labels, valid, malformed = _usable_boxes(annotations, known, label_of)
+    if not boxes:
+        raise DetectError(f"--{role} {path}: none of its {len(annotations)} annotations is a usable box "
+                          "(bbox [x, y, w, h] of an image and category of the file)")
+    return DetectionSet(
+        path, images, {i: np.asarray(b, np.float32) for i, b in boxes.items()},
+        {i: np.asarray(v, np.int64) for i, v in labels.items()}, categories, malformed,
+        # COCOeval's ground truth: the val set's only (COCO train's json would stay in every rank's
+        # memory for the whole fine-tune)
+        {"images": data["images"], "annotations": valid, "categories": data["categories"]} if role == "val" else None)
+
+
+def _usable_boxes(annotations: list, known: set, label_of: dict) -> tuple[dict, dict, list, int]:
+    """Per image, its boxes (x1 y1 x2 y2) and labels; the annotations COCOeval keeps (area and
+    iscrowd filled in); how many were malformed (no [x, y, w, h] box of a known image and category)."""
+    boxes: dict[int, list] = {}
+    labels: dict[int, list] = {}
+    malformed, valid = 0, []
+    for a in annotations:
+        box = a.get("bbox") if isinstance(a, dict) else None
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+                or a.get("image_id") not in known or a.get("category_id") not in label_of):
+            malformed += 1
+            continue
+        a.setdefault("area", float(box[2]) * float(box[3]))  # COCOeval reads both
+        a.setdefault("iscrowd", 0)
+        valid.append(a)
+        if a.get("iscrowd", 0) or box[2] < 1 or box[3] < 1:  # crowd regions: COCOeval's business only
+            continue
+        x, y, w, h = (float(v) for v in box)
+        boxes.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
+        labels.setdefault(a["image_id"], []).append(label_of[a["category_id"]])
+    return boxes, labels, valid, malformed
+
+
+def check_same_categories(train: DetectionSet, val: DetectionSet) -> None:
+    a = [(c["id"], c["name"]) for c in train.categories]
+    b = [(c["id"], c["name"]) for c in val.categories]
+    if a != b:
+        only_train = sorted(set(a) - set(b))[:3]
+        only_val = sorted(set(b) - set(a))[:3]
+        raise DetectError(f"the categories of --train {train.json_path} and --val {val.json_path} differ "
+                          f"(only in train: {only_train or 'none'}; only in val: {only_val or 'none'}); "
+                          "use two splits of one dataset")
+
+
+
+class Images(torch.utils.data.Dataset):
+    """(image (3, H, W) float in [0, 1], target) per key (index, flip); flips are decided by the sampler."""
+
+    def __init__(self, data: DetectionSet, ids: list[int]):
+        self.data, self.ids = data, ids
+        self.by_id = {r["id"]: r for r in data.images}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        from fastemd.pipelines.check import OPEN_ERRORS, open_failure
+        from fastemd.pipelines.torch_loader import RejectedImage, decode_rgb
+
+        index, flip = key
+        image_id = self.ids[index]
+        path = self.by_id[image_id]["path"]
+        try:
+            image = decode_rgb(path)
+        except (RejectedImage, *OPEN_ERRORS) as e:
+            reason = str(e) if isinstance(e, RejectedImage) else open_failure(e)
+            raise DetectError(f"{path}: {reason} (run `fastemd check-data` on the dataset)") from None
+        record = self.by_id[image_id]
+        if record["width"] and record["height"] and image.size != (record["width"], record["height"]):
+            raise DetectError(f"{path}: decoded {image.size[0]}x{image.size[1]} (EXIF orientation applied), the json "
+                              f"says {record['width']}x{record['height']}: its boxes would be misplaced; wrong image "
+                              "folder, or an image rotated after it was labelled")
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        boxes = torch.from_numpy(self.data.boxes.get(image_id, np.zeros((0, 4), np.float32)).copy())
+        labels = torch.from_numpy(self.data.labels.get(image_id, np.zeros((0,), np.int64)).copy())
+        if flip:
+            pixels = pixels.flip(-1)
+            width = pixels.shape[-1]
+            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+        return pixels, {"boxes": boxes, "labels": labels, "image_id": image_id}
+
+
+class TrainBatches:
+    """The batches of iterations start..end for one rank: global batch i takes positions
+    [i*B, (i+1)*B) of the training images permuted afresh every pass (seeded with (seed, pass)),
+    rank r the r-th slice of it; each image is flipped with p=0.5 seeded by (seed, i, slot). So a
+    run resumed at iteration i reads what an uninterrupted one would, whatever the worker count."""
+
+    def __init__(self, num_images: int, batch: int, rank: int, world: int, seed: int, start: int, end: int):
+        self.n, self.batch, self.rank, self.world, self.seed = num_images, batch, rank, world, seed
+        self.start, self.end = start, end
+        self.per_rank = batch // world
+
+    def __len__(self):
+        return self.end - self.start
+
+    def __iter__(self):
+        orders: dict[int, np.ndarray] = {}
+        for i in range(self.start, self.end):
+            first = i * self.batch + self.rank * self.per_rank
+            keys = []
+            for slot, position in enumerate(range(first, first + self.per_rank)):
+                p, offset = divmod(position, self.n)
+                if p not in orders:
+                    orders = {p: np.random.default_rng([self.seed, p]).permutation(self.n)}
+                flip = np.random.default_rng([self.seed, i, self.rank, slot]).random() < 0.5
+                keys.append((int(orders[p][offset]), bool(flip)))
+            yield keys
+
+
+def collate(samples):
+    return [s[0] for s in samples], [s[1] for s in samples]
+
+
+
+def make_loader(dataset, **kwargs) -> torch.utils.data.DataLoader:
+    from fastemd.pipelines.torch_loader import ignore_stop_signals
+
+    return torch.utils.data.DataLoader(dataset, collate_fn=collate, worker_init_fn=ignore_stop_signals, **kwargs)
+
+
+def start_loader(loader: torch.utils.data.DataLoader):
+    """iter(loader), its workers started as `fastemd train`'s are (`torch_loader.start_workers`):
+    a signal to the process group (Ctrl-C, scancel, torchrun) stops the fine-tune at the end of
+    the iteration with a checkpoint instead of killing the workers under a main process waiting
+    for data, and an error leaves no worker behind to hang the exit."""
+    from fastemd.pipelines.torch_loader import start_workers
+
+    return start_workers(loader)
+
+
+def to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
+    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+    return images, targets
+

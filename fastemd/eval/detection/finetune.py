@@ -1,0 +1,192 @@
+"""The fine-tune loop of `fastemd eval detect`: SGD over the iterations, a log row every
+`log_every`, a checkpoint every `ckpt_every` and on a stop signal (every rank stops at the same
+iteration), then precise BN and the evaluation are the command's (fastemd/eval/detect.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastemd.eval.detection import DetectError
+from fastemd.eval.detection.data import DetectionSet, to_device
+from fastemd.eval.detection.schedules import Schedule, lr_at
+
+
+@dataclass
+class Job:
+    """One fine-tune, as every rank sees it (but for its rank and device)."""
+
+    out: Path
+    schedule: Schedule  # scaled to --iterations, with --batch-size, --lr and --ckpt-every applied
+    lr: float  # at this batch (the linear rule)
+    seed: int
+    backbone: object  # fastemd.eval.probe.Backbone
+    train_set: DetectionSet
+    val_set: DetectionSet
+    rank: int
+    world: int
+    device: torch.device
+    workers: int
+    dashboard: str  # --dashboard: auto, rich or plain
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def fine_tune(job: Job, model: nn.Module, optimizer: torch.optim.Optimizer, start: int, batches, stop) -> tuple[int, int]:
+    """Iterations `start`..end over `batches` (the loader, started); returns (the signal that
+    stopped it, or 0; the iteration reached). A non-finite loss is a DetectError."""
+    import torch.distributed as dist
+
+    schedule, iterations = job.schedule, job.schedule.iterations
+    metrics = open_metrics(job.out / "metrics.jsonl", start) if job.main else None
+    display = Display(iterations, start, job.dashboard) if job.main else None
+    window: dict[str, float] = {}
+    window_n, window_start, iteration = 0, time.perf_counter(), start
+    try:
+        for images, targets in batches:
+            values, names = _iteration(job, model, optimizer, images, targets, iteration)
+            iteration += 1
+            for key, value in zip(names, values):
+                window[key] = window.get(key, 0.0) + value
+            window_n += 1
+            if job.main and (iteration % schedule.log_every == 0 or iteration == iterations):
+                elapsed = time.perf_counter() - window_start
+                row = {k: v / window_n for k, v in window.items()}
+                row.update(iteration=iteration, iterations=iterations, lr=optimizer.param_groups[0]["lr"],
+                           sec_per_iter=elapsed / window_n, eta_s=elapsed / window_n * (iterations - iteration))
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                display.update(row)
+                window, window_n, window_start = {}, 0, time.perf_counter()
+            if job.world > 1:  # every rank stops at the same iteration
+                flag = torch.tensor([stop.signum], device=job.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop.signum = int(flag.item())
+            if stop.signum or iteration % schedule.ckpt_every == 0 or iteration == iterations:
+                save(job, model, optimizer, iteration)
+            if stop.signum:
+                return stop.signum, iteration
+        return 0, iteration
+    finally:
+        if metrics:
+            metrics.close()
+        if display:
+            display.close()
+
+
+def _iteration(job: Job, model: nn.Module, optimizer, images, targets, iteration: int) -> tuple[list, list]:
+    """One SGD step at the schedule's lr; returns the loss and its parts, averaged over ranks."""
+    import torch.distributed as dist
+
+    lr = lr_at(job.schedule, iteration, job.lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    images, targets = to_device(images, targets, job.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=job.cuda):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parts = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
+    if job.world > 1:
+        dist.all_reduce(parts)
+        parts /= job.world
+    values = parts.tolist()
+    if not math.isfinite(values[0]):
+        raise DetectError(f"non-finite loss at iteration {iteration + 1}; lower --lr (now {job.lr:g})")
+    optimizer.step()
+    return values, ["loss", *losses]
+
+
+def save(job: Job, model: nn.Module, optimizer, iteration: int) -> None:
+    """A checkpoint of every rank's generators (RoI sampling, CUDA: an exact resume), written by rank 0."""
+    import torch.distributed as dist
+
+    from fastemd.checkpoint import list_checkpoints, rng_state, save_checkpoint
+
+    rng = [rng_state()]
+    if job.world > 1:
+        rng = [None] * job.world
+        dist.all_gather_object(rng, rng_state())
+    if not job.main:
+        return
+    model_state = (model.module if job.world > 1 else model).state_dict()
+    try:
+        save_checkpoint({"kind": "detect", "model": model_state, "optimizer": optimizer.state_dict(),
+                         "iteration": iteration, "schedule": asdict(job.schedule), "rng": rng, "world_size": job.world,
+                         "categories": job.train_set.categories, "backbone": job.backbone.source, "seed": job.seed},
+                        job.out, iteration, keep_last=2)
+    except (OSError, RuntimeError) as e:  # disk full: torch raises RuntimeError
+        newest = list_checkpoints(job.out)
+        raise DetectError(f"cannot write the checkpoint of iteration {iteration} in {job.out} "
+                          f"({str(e).splitlines()[0][:120]}); last good checkpoint: "
+                          f"{newest[-1] if newest else 'none'}") from None
+
+
+def open_metrics(path: Path, start: int):
+    """metrics.jsonl for appending: the rows of iterations up to `start` kept (a resumed run), the
+    rows a killed run wrote after its last checkpoint dropped."""
+    rows = []
+    if start and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["iteration"] <= start:
+                    rows.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    file = open(path, "w")
+    file.writelines(rows)
+    return file
+
+
+
+class Display:
+    """On a terminal a live panel: a progress bar with the ETA, and under it the loss parts, lr and
+    s/it of the last log step; elsewhere a plain line per log step."""
+
+    def __init__(self, total: int, start: int, mode: str):
+        self.live = None
+        if mode == "rich" or (mode == "auto" and sys.stdout.isatty()):
+            from rich.console import Group
+            from rich.live import Live
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.text import Text
+
+            self.progress = Progress(TextColumn("fine-tune"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn())
+            self.task = self.progress.add_task("detect", total=total, completed=start)
+            self.text = Text("(first log step pending)")
+            self.live = Live(Group(self.progress, self.text), refresh_per_second=4)
+            self.live.start()
+
+    def update(self, m: dict) -> None:
+        line = (f"loss {m['loss']:.3f} (cls {m['loss_classifier']:.3f} box {m['loss_box_reg']:.3f} "
+                f"obj {m['loss_objectness']:.3f} rpn {m['loss_rpn_box_reg']:.3f}) lr {m['lr']:.4g} "
+                f"{m['sec_per_iter']:.2f} s/it")
+        if self.live is not None:
+            self.progress.update(self.task, completed=m["iteration"])
+            self.text.plain = line
+        else:
+            eta = m["eta_s"]
+            print(f"iter {m['iteration']}/{m['iterations']} {line} eta {int(eta // 60)}:{int(eta % 60):02d}",
+                  flush=True)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            if not self.live.console.is_terminal:  # the last render ends without a line break there
+                self.live.console.print()
+

@@ -1,0 +1,70 @@
+"""The evaluation: detections on the val images (`predict`), COCOeval's box AP (`coco_ap`) and its table."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+from torch import nn
+
+from fastemd.eval.detection.data import DetectionSet, Images, make_loader, start_loader
+
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: DetectionSet, device: torch.device, batch: int, rank: int, world: int,
+            workers: int, amp: bool) -> list[dict]:
+    """COCO results ([x, y, w, h], score, category id) of this rank's share of the val images."""
+    model.eval()
+    ids = [r["id"] for r in data.images][rank::world]
+    loader = make_loader(Images(data, ids), batch_size=batch, num_workers=workers,
+                     sampler=[(i, False) for i in range(len(ids))])
+    results = []
+    for images, targets in start_loader(loader):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            outputs = model([im.to(device).float().div_(255) for im in images])
+        for target, out in zip(targets, outputs):
+            boxes = out["boxes"].float().cpu()
+            boxes[:, 2:] -= boxes[:, :2]
+            for box, score, label in zip(boxes.tolist(), out["scores"].float().cpu().tolist(),
+                                         out["labels"].cpu().tolist()):
+                results.append({"image_id": target["image_id"], "bbox": [round(v, 2) for v in box],
+                                "score": round(score, 5), "category_id": data.categories[label - 1]["id"]})
+    return results
+
+
+def coco_ap(data: DetectionSet, results: list[dict]) -> dict:
+    """COCOeval's box AP (x100) of `results` against the val json; zeros for no detections."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {name: 0.0 for name in AP_NAMES}
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        truth = COCO()
+        truth.dataset = data.coco  # checked and completed at load: no surprise after the fine-tune
+        truth.createIndex()
+        found = truth.loadRes(results)
+        evaluator = COCOeval(truth, found, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # COCOeval's -1: no ground truth in that size range (null, not 0)
+    return {name: round(float(v) * 100, 2) if v >= 0 else None for name, v in zip(AP_NAMES, evaluator.stats[:6])}
+
+
+def format_table(report: dict) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"box AP, {report['schedule']} schedule ({report['iterations']} iterations)")
+    table.add_column("backbone")
+    for name in AP_NAMES:
+        table.add_column(name, justify="right")
+    table.add_row(report["backbone"], *("-" if report[name] is None else f"{report[name]:.1f}" for name in AP_NAMES))
+    console = Console(file=io.StringIO(), width=120)
+    console.print(table)
+    return console.file.getvalue().rstrip()
