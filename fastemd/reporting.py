@@ -72,12 +72,13 @@ class RunReport:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events logged after its checkpoint's step
+            return SummaryWriter(str(out_dir / "tensorboard"),
+                                 purge_step=resumed_step + 1 if resumed_step is not None else None)
         except ImportError:
             print("fastemd: log.tensorboard=true but tensorboard is not installed; metrics.jsonl only")
             return None
-        # purge_step: a resumed run drops the events logged after its checkpoint's step
-        return SummaryWriter(str(out_dir / "tensorboard"),
-                             purge_step=resumed_step + 1 if resumed_step is not None else None)
 
     @property
     def wandb_id(self) -> str | None:

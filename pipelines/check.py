@@ -224,9 +224,13 @@ def _output_problem(option: str, path: Path, sources: list[str]) -> str | None:
     from fastemd.paths import input_it_is, unwritable_file
 
     path = path.expanduser()
-    if not path.is_dir() and input_it_is(path, sources):
+    if path.is_symlink() and not path.exists():
+        return f"{option} {path} is a broken link; name a file to write"
+    if input_it_is(path, sources):
         return f"{option} {path} is one of the sources; it would be overwritten: write it elsewhere"
-    if path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir():
+    if path.is_dir():
+        return f"{option} {path} is a folder; name the file to write"
+    if path.suffix.lower() in IMAGE_SUFFIXES:
         return f"{option} {path} is named as an image; name a text file (.txt, .tsv) to write"
     if path.is_file() and path.stat().st_size > 0 and not _written_by_check_data(path):
         return (f"{option} {path} exists and is not a check-data output (an image, a file of yours?); it would be "

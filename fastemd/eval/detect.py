@@ -52,7 +52,7 @@ from torch import nn
 from fastemd.eval.detection import DetectError
 from fastemd.eval.detection.data import (Images, TrainBatches, check_same_categories, load_detection_set,
                                          make_loader, resolve_data, start_loader)
-from fastemd.eval.detection.finetune import Job, fine_tune
+from fastemd.eval.detection.finetune import FineTuneLog, Job, fine_tune
 from fastemd.eval.detection.model import (average_bn_statistics, build_detector, import_torchvision, param_groups,
                                           precise_bn)
 from fastemd.eval.detection.schedules import SCHEDULES, Schedule
@@ -185,6 +185,7 @@ def _run(args: argparse.Namespace) -> int:
                 num_workers=job.workers, pin_memory=job.cuda))
 
         _say_plan(job, args.schedule, len(train_ids))
+        log = FineTuneLog(job, start)
         # Starting the loader draws its workers' seeds from torch's generator: the resumed run puts
         # the saved generator back after that, where the uninterrupted run's stands at that iteration.
         train_batches = batches(start, job.schedule.iterations)
@@ -193,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
 
             set_rng_state(state["rng"][job.rank])  # each rank's own generators
         with StopSignal() as stop:
-            stopped, iteration = fine_tune(job, model, optimizer, start, train_batches, stop)
+            stopped, iteration = fine_tune(job, model, optimizer, start, train_batches, log, stop)
         if stopped:
             if job.main:
                 print(f"fastemd eval detect: stopped by signal {stopped} at iteration {iteration}; "

@@ -564,7 +564,7 @@ def _check_output(path: str | None, inputs: tuple[str, ...] = (), force: bool = 
     if not path:
         return None
     out = Path(path)
-    if out.is_file():
+    if out.exists() and not out.is_dir():
         if given := input_it_is(out, inputs):
             return f"--output {path} is the file read as {given}; it would be overwritten: write it elsewhere"
         if not force:

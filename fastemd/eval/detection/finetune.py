@@ -45,32 +45,53 @@ class Job:
         return self.device.type == "cuda"
 
 
-def fine_tune(job: Job, model: nn.Module, optimizer: torch.optim.Optimizer, start: int, batches, stop) -> tuple[int, int]:
+class FineTuneLog:
+    """Rank 0's record of the fine-tune: metrics.jsonl (a resumed run keeps the rows up to its
+    start) and the display, a row every `log_every` iterations from the window's means. Opened
+    before the loader starts, so the first row's time counts its start-up."""
+
+    def __init__(self, job: Job, start: int):
+        self.job, self.iterations = job, job.schedule.iterations
+        self.metrics = open_metrics(job.out / "metrics.jsonl", start) if job.main else None
+        self.display = Display(self.iterations, start, job.dashboard) if job.main else None
+        self.window: dict[str, float] = {}
+        self.window_n, self.window_start = 0, time.perf_counter()
+
+    def add(self, iteration: int, names: list, values: list, lr: float) -> None:
+        """One iteration's loss parts; the row when `iteration` (done) is a log step."""
+        for key, value in zip(names, values):
+            self.window[key] = self.window.get(key, 0.0) + value
+        self.window_n += 1
+        if not self.job.main or (iteration % self.job.schedule.log_every and iteration != self.iterations):
+            return
+        elapsed = time.perf_counter() - self.window_start
+        row = {k: v / self.window_n for k, v in self.window.items()}
+        row.update(iteration=iteration, iterations=self.iterations, lr=lr, sec_per_iter=elapsed / self.window_n,
+                   eta_s=elapsed / self.window_n * (self.iterations - iteration))
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        self.display.update(row)
+        self.window, self.window_n, self.window_start = {}, 0, time.perf_counter()
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if self.display:
+            self.display.close()
+
+
+def fine_tune(job: Job, model: nn.Module, optimizer: torch.optim.Optimizer, start: int, batches, log: FineTuneLog,
+              stop) -> tuple[int, int]:
     """Iterations `start`..end over `batches` (the loader, started); returns (the signal that
-    stopped it, or 0; the iteration reached). A non-finite loss is a DetectError."""
+    stopped it, or 0; the iteration reached). A non-finite loss is a DetectError. Closes `log`."""
     import torch.distributed as dist
 
-    schedule, iterations = job.schedule, job.schedule.iterations
-    metrics = open_metrics(job.out / "metrics.jsonl", start) if job.main else None
-    display = Display(iterations, start, job.dashboard) if job.main else None
-    window: dict[str, float] = {}
-    window_n, window_start, iteration = 0, time.perf_counter(), start
+    schedule, iterations, iteration = job.schedule, job.schedule.iterations, start
     try:
         for images, targets in batches:
             values, names = _iteration(job, model, optimizer, images, targets, iteration)
             iteration += 1
-            for key, value in zip(names, values):
-                window[key] = window.get(key, 0.0) + value
-            window_n += 1
-            if job.main and (iteration % schedule.log_every == 0 or iteration == iterations):
-                elapsed = time.perf_counter() - window_start
-                row = {k: v / window_n for k, v in window.items()}
-                row.update(iteration=iteration, iterations=iterations, lr=optimizer.param_groups[0]["lr"],
-                           sec_per_iter=elapsed / window_n, eta_s=elapsed / window_n * (iterations - iteration))
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                display.update(row)
-                window, window_n, window_start = {}, 0, time.perf_counter()
+            log.add(iteration, names, values, optimizer.param_groups[0]["lr"])
             if job.world > 1:  # every rank stops at the same iteration
                 flag = torch.tensor([stop.signum], device=job.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -81,10 +102,7 @@ def fine_tune(job: Job, model: nn.Module, optimizer: torch.optim.Optimizer, star
                 return stop.signum, iteration
         return 0, iteration
     finally:
-        if metrics:
-            metrics.close()
-        if display:
-            display.close()
+        log.close()
 
 
 def _iteration(job: Job, model: nn.Module, optimizer, images, targets, iteration: int) -> tuple[list, list]:
