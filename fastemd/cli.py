@@ -3,9 +3,9 @@
     fastemd train [--preset NAME] [--config FILE] [--resume auto|PATH] [--section.key=value ...]
     fastemd profile {data,emd,step,e2e} ...
     fastemd check-data SOURCE [SOURCE ...] --out DIR
-    fastemd export CHECKPOINT --format torchvision|detectron2 --output PATH
+    fastemd export CHECKPOINT --format torchvision|detectron2 --output PATH [--recipe SETTING]
     fastemd eval probe BACKBONE --data ANNOTATIONS.json|demo
-    fastemd eval detect BACKBONE|random --train TRAIN.json|demo --val VAL.json|demo [--schedule tiny|1x]
+    fastemd eval detect BACKBONE|random --train TRAIN.json|demo --val VAL.json|demo [--detector D] [--schedule tiny|1x]
     fastemd make-demo-data DIR
 
 `tools/*.py` call the same functions, so `torchrun --nproc_per_node=8 tools/train.py ...` takes
@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the learning table of BENCHMARKS.md: demo runs (Self-EMD, dense only, BYOL) and a supervised "
                    "control, probed, over several seeds")
     _add_delegated(esub, "detect", "fastemd.eval.detect",
-                   "fine-tune Faster R-CNN with FPN on the backbone (every stage and BN trained) and report COCO "
-                   "box AP; needs torchvision (fastemd[eval])")
+                   "fine-tune Faster R-CNN, Mask R-CNN or RetinaNet (FPN) on the backbone (every stage and BN "
+                   "trained) and report COCO box (and mask) AP; needs torchvision (fastemd[eval])")
     return parser
 
 

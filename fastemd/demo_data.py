@@ -10,8 +10,9 @@ seed), which `fastemd eval probe --data demo` measures backbones on.
 
 laid out exactly like COCO so that every code path that reads COCO reads it too. Each scene is
 a textured background (stripes, checks, noise or a gradient) with two to five textured objects
-(ellipses, rectangles, triangles) at varied sizes; the boxes of the objects are written as
-COCO annotations. `scenes="non-iconic"` (`make-demo-data --scenes non-iconic`) makes COCO-like
+(ellipses, rectangles, triangles) at varied sizes; the boxes, areas and masks (uncompressed RLE)
+of the objects are written as COCO annotations, each of its whole shape (amodal: what objects
+painted later cover is part of it, as the box always was). `scenes="non-iconic"` (`make-demo-data --scenes non-iconic`) makes COCO-like
 scenes instead: four to nine objects drawn at COCO's mix of small, medium and large, occluding
 each other (about six stay visible enough to be labelled), with the boxes, areas and masks
 (uncompressed RLE) of their visible parts.
@@ -102,7 +103,8 @@ def _shape_mask(rng: np.random.Generator, kind: int, h: int, w: int) -> np.ndarr
 
 
 def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
-    """One (H, W, 3) uint8 scene and its objects as {'bbox': [x, y, w, h], 'category_id', 'area'}."""
+    """One (H, W, 3) uint8 scene and its objects as {'bbox': [x, y, w, h], 'category_id', 'area',
+    'segmentation'}: box, area and mask of each object's whole shape."""
     h, w = (int(s) for s in rng.integers(SCENE_SIZE[0], SCENE_SIZE[1] + 1, size=2))
     image = _texture(rng, h, w)
     objects = []
@@ -115,7 +117,10 @@ def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
         patch = _texture(rng, oh, ow)
         region = image[y0 : y0 + oh, x0 : x0 + ow]
         region[mask] = patch[mask]
-        objects.append({"bbox": [x0, y0, ow, oh], "category_id": kind, "area": float(mask.sum())})
+        whole = np.zeros((h, w), bool)
+        whole[y0 : y0 + oh, x0 : x0 + ow] = mask
+        objects.append({"bbox": [x0, y0, ow, oh], "category_id": kind, "area": float(mask.sum()),
+                        "segmentation": rle(whole)})
     image += rng.normal(0, 0.02, image.shape)  # sensor-like noise so JPEG blocks are not flat
     return (np.clip(image, 0, 1) * 255).astype(np.uint8), objects
 
@@ -148,7 +153,7 @@ def rle(mask: np.ndarray) -> dict:
 def _generator(scenes: str) -> dict:
     """What made a split (written into its json): a cached split of other settings is made again."""
     if scenes == "iconic":
-        return GENERATOR
+        return {**GENERATOR, "masks": "amodal"}  # the scenes of version 2, their masks added
     return {**GENERATOR, "scenes": scenes, "objects": list(NON_ICONIC_OBJECTS), "area_share": list(AREA_SHARE),
             "min_visible": MIN_VISIBLE}
 

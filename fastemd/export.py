@@ -1,6 +1,7 @@
-"""Export a pretrained backbone for the Faster R-CNN fine-tune (SPEC section 6).
+"""Export a pretrained backbone for the detection fine-tune (SPEC section 6).
 
     fastemd export runs/coco_800ep/checkpoints/step_00230400.pt --format detectron2 --output r50.pkl
+    fastemd export CKPT --format detectron2 --output r50.pkl --recipe mask_rcnn_c4 --recipe-output mask_c4.yaml
 
 - torchvision: a plain ResNet state dict without `fc`, torchvision's names, loadable with
   `torchvision.models.resnet50().load_state_dict(sd, strict=False)` where the only missing keys
@@ -8,9 +9,9 @@
 - detectron2: a pickle `{"model": {name: numpy array}, "__author__": "fastemd",
   "matching_heuristics": True}` with detectron2's names (stem.conv1, stem.conv1.norm,
   res2..res5, convK.norm, shortcut, shortcut.norm), without `num_batches_tracked`. The command
-  prints the detectron2 config of the fine-tune: RGB input, torchvision's pixel mean/std,
-  STRIDE_IN_1X1: False, the widths read off the tensors, and the SSL recipe (FREEZE_AT 0, SyncBN
-  backbone, FPN and 4conv1fc box head, precise BN, COCO 1x).
+  prints the detectron2 config of the fine-tune (`--recipe`: one of the paper's four settings,
+  fastemd/recipes.py): RGB input, torchvision's pixel mean/std, STRIDE_IN_1X1: False, the widths
+  read off the tensors, and the SSL recipe (FREEZE_AT 0, SyncBN, precise BN, COCO 1x).
 
 The online backbone is the default (what BYOL evaluates); `--network target` takes the EMA one.
 """
@@ -28,54 +29,7 @@ import numpy as np
 import torch
 
 from fastemd.checkpoint import CheckpointError, load_checkpoint
-
-DETECTRON2_CONFIG = """\
-# Faster R-CNN R{depth}-FPN, COCO 1x, for a self-supervised backbone (written by fastemd export).
-# detectron2's configs/COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml (the schedule and data) with the
-# changes DenseCL's and PixPro's COCO fine-tunes make for SSL backbones: no frozen stage, SyncBN in
-# the backbone, the FPN and a 4conv1fc box head, precise BN before testing. Faster R-CNN, as the
-# Self-EMD paper evaluates (DenseCL's and PixPro's COCO tables are Mask R-CNN's: MASK_ON True and
-# ROI_MASK_HEAD.NORM "SyncBN" for theirs, about 1 box AP higher). Save it in detectron2's configs/
-# folder (beside Base-RCNN-FPN.yaml) and run
-#   tools/train_net.py --config-file configs/THIS.yaml --num-gpus 8
-_BASE_: "Base-RCNN-FPN.yaml"
-MODEL:
-  WEIGHTS: "{weights}"
-  MASK_ON: False
-  PIXEL_MEAN: [123.675, 116.280, 103.530]   # torchvision's mean, RGB, 0-255
-  PIXEL_STD: [58.395, 57.120, 57.375]       # torchvision's std
-  BACKBONE:
-    FREEZE_AT: 0                             # detectron2's default (2) freezes the stem and res2
-  RESNETS:
-    DEPTH: {depth}
-    STRIDE_IN_1X1: False                     # torchvision's ResNet puts the stride in the 3x3
-    STEM_OUT_CHANNELS: {stem}
-    RES2_OUT_CHANNELS: {res2}
-    WIDTH_PER_GROUP: {width:<24}# res2's 3x3 width (NUM_GROUPS 1)
-    NORM: "SyncBN"                           # fine-tune the BN statistics, as for any SSL backbone
-  FPN:
-    NORM: "SyncBN"
-  ROI_BOX_HEAD:
-    NAME: "FastRCNNConvFCHead"
-    NUM_CONV: 4
-    NUM_FC: 1
-    NORM: "SyncBN"
-INPUT:
-  FORMAT: "RGB"
-  MIN_SIZE_TRAIN: (640, 672, 704, 736, 768, 800)
-  MIN_SIZE_TEST: 800
-DATASETS:
-  TRAIN: ("coco_2017_train",)
-  TEST: ("coco_2017_val",)
-SOLVER:
-  IMS_PER_BATCH: 16
-  BASE_LR: 0.02
-  STEPS: (60000, 80000)
-  MAX_ITER: 90000
-TEST:
-  PRECISE_BN:
-    ENABLED: True\
-"""
+from fastemd.recipes import RECIPES, no_recipe, recipe_yaml
 
 _DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 
@@ -189,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network", default="online", choices=["online", "target"],
                         help="which backbone: the online network (default, as BYOL evaluates) or the EMA target")
     parser.add_argument("--force", action="store_true", help="replace --output (and --recipe-output) if it exists")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="faster_rcnn_fpn",
+                        help="detectron2: the fine-tune config to print, one of the paper's four settings "
+                        "(default faster_rcnn_fpn, its headline)")
     parser.add_argument("--recipe-output", metavar="FILE.yaml",
                         help="detectron2: also write the fine-tune config printed below to FILE.yaml")
 
@@ -210,17 +167,13 @@ def _recipe_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _no_recipe(arch: str, res2: int) -> str | None:
-    """Why detectron2 cannot build this backbone (its R18/R34 take res2 at 64 channels only), or None."""
-    if arch in ("resnet18", "resnet34") and res2 != 64:
-        return (f"detectron2 builds {arch} only with res2 at 64 channels, and this one has {res2} (model.width "
-                f"{res2}); `fastemd eval detect` fine-tunes any width")
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     if problem := _recipe_problem(args):
         print(f"fastemd export: error: {problem}", file=sys.stderr)
+        return 1
+    if args.format != "detectron2" and args.recipe != "faster_rcnn_fpn":
+        print("fastemd export: error: --recipe goes with --format detectron2 (the detectron2 fine-tune config)",
+              file=sys.stderr)
         return 1
     if args.recipe_output:  # a config that cannot be had: said before the weights are written
         try:
@@ -228,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         except CheckpointError as e:
             print(f"fastemd export: error: {e}", file=sys.stderr)
             return 1
-        if why := _no_recipe(model.get("arch", "resnet50"), model.get("width", 64)):
+        width = model.get("width", 64)  # res2's channels: the width, x4 for a bottleneck ResNet
+        depth = _DEPTH.get(model.get("arch", "resnet50"), 50)
+        if why := no_recipe(args.recipe, depth, width if depth in (18, 34) else 4 * width):
             print(f"fastemd export: error: --recipe-output: no detectron2 config: {why}", file=sys.stderr)
             return 1
     try:
@@ -239,18 +194,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {info['tensors']} tensors of the {info['network']} {info['arch']} backbone "
           f"(step {info['step']}) to {info['output']} ({info['format']})")
     if args.format == "detectron2":
-        if why := _no_recipe(info["arch"], info["res2"]):
-            # detectron2 rejects the config (RES2_OUT_CHANNELS = 64 for R18/R34): no recipe for it
+        depth = _DEPTH.get(info["arch"], 50)
+        if why := no_recipe(args.recipe, depth, info["res2"]):
+            # detectron2 would reject the config or load the weights into the wrong shapes: no recipe
             print(f"no detectron2 config: {why}")
             return 0
         # an absolute WEIGHTS path: detectron2's train_net.py runs from its own checkout
-        recipe = DETECTRON2_CONFIG.format(weights=Path(info["output"]).resolve(), depth=_DEPTH.get(info["arch"], 50),
-                                          stem=info["stem"], res2=info["res2"], width=info["width"])
+        recipe = recipe_yaml(args.recipe, str(Path(info["output"]).resolve()), depth, info["stem"], info["res2"],
+                             info["width"])
         if args.recipe_output:
-            _atomic_write(Path(args.recipe_output), lambda f: f.write(recipe.encode()))
-            print(f"wrote the detectron2 config for the COCO 1x fine-tune to {args.recipe_output}:")
+            _atomic_write(Path(args.recipe_output), lambda f: f.write(recipe.encode() + b"\n"))
+            print(f"wrote the detectron2 config for the COCO 1x fine-tune ({args.recipe}) to {args.recipe_output}:")
         else:
-            print("detectron2 config for the COCO 1x fine-tune (the YAML below, to the end):")
+            print(f"detectron2 config for the COCO 1x fine-tune ({args.recipe}; the YAML below, to the end):")
         print(recipe)
     elif info["stem"] == 64:
         print(f"torchvision: m = torchvision.models.{info['arch']}(); "

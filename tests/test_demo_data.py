@@ -110,6 +110,26 @@ def test_rle_is_cocos_run_length_encoding():
             assert mask_api.area(ours) == mask_api.area(theirs) == mask.sum()
 
 
+def test_iconic_scenes_carry_the_whole_shape_of_each_object(tmp_path):
+    """The demo's scenes carry instance masks (Mask R-CNN trains on them): each annotation's mask
+    is its object's whole shape, inside its box, of its area; a rectangle fills its box, an
+    ellipse covers about pi/4 of it and a triangle about half (read with pycocotools)."""
+    import numpy as np
+
+    coco_api = pytest.importorskip("pycocotools.coco")
+    json_path = make_demo_data(tmp_path / "d", num_images=30, seed=3)
+    coco = coco_api.COCO(str(json_path))
+    fill = {1: [], 2: [], 3: []}
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        mask = coco.annToMask(ann)
+        x, y, w, h = ann["bbox"]
+        ys, xs = np.nonzero(mask)
+        assert mask.sum() == ann["area"] and xs.min() >= x and xs.max() < x + w and ys.min() >= y and ys.max() < y + h
+        fill[ann["category_id"]].append(mask.sum() / (w * h))
+    assert all(f == 1.0 for f in fill[2])
+    assert abs(np.mean(fill[1]) - np.pi / 4) < 0.03 and abs(np.mean(fill[3]) - 0.5) < 0.05
+
+
 def test_non_iconic_scenes_are_coco_with_visible_masks_and_boxes(tmp_path):
     """`make-demo-data --scenes non-iconic`: four to nine objects a scene, every annotation's box,
     area and mask describe the same visible pixels (checked with pycocotools), COCO's mix of

@@ -1,4 +1,4 @@
-"""`fastemd eval detect`: Faster R-CNN fine-tune and COCO box AP (issue 12).
+"""`fastemd eval detect`: the Faster R-CNN, Mask R-CNN and RetinaNet fine-tunes and COCO box and mask AP.
 
 The parts that need no torchvision (schedule, data order, precise BN, COCOeval, the input checks)
 run in every environment; the fine-tune itself needs torchvision, which needs the CUDA build of
@@ -175,6 +175,76 @@ def test_loaded_boxes_are_corners_and_labels_contiguous(demo):
     assert [c["id"] for c in train.categories] == sorted(c["id"] for c in truth["categories"])
 
 
+def test_mask_ap_of_the_ground_truth_masks_is_100_and_of_moved_ones_0(tmp_path):
+    """COCO's mask AP through the path predictions take: ground-truth masks (an RLE of the demo, a
+    polygon) decoded, as the detector's (N, 1, H, W) probabilities, encoded and scored."""
+    from PIL import Image
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    Image.new("RGB", (64, 48), (120, 30, 30)).save(tmp_path / "val2017" / "a.jpg")
+    square = [[10, 10, 40, 10, 40, 30, 10, 30]]  # a polygon: 30 x 20 px
+    disc = np.zeros((48, 64), bool)
+    yy, xx = np.mgrid[:48, :64]
+    disc[(yy - 24) ** 2 + (xx - 50) ** 2 <= 8 ** 2] = True
+    from fastemd.demo_data import rle
+
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20], "segmentation": square},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [42, 16, 17, 17],
+                             "segmentation": rle(disc)}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    path = tmp_path / "annotations" / "instances_val2017.json"
+    path.write_text(json.dumps(coco))
+    data = detect_data.load_detection_set(path, "val", masks=True)
+    truth = [detect_data.decode_mask(s, 48, 64) for s in data.masks[1]]
+    assert abs(int(truth[0].sum()) - 30 * 20) <= 60 and np.array_equal(truth[1].astype(bool), disc)
+
+    def results(masks):
+        encoded = scoring._encode(torch.from_numpy(np.stack(masks)).float()[:, None] * 0.9)
+        return [{"image_id": 1, "category_id": 1, "score": 0.9, "bbox": [0, 0, 1, 1], "segmentation": e}
+                for e in encoded]
+
+    assert scoring.coco_ap(data, results(truth), "segm")["AP"] == pytest.approx(100.0)
+    moved = [np.roll(m, 32, axis=1) for m in truth]  # no overlap with either object
+    assert scoring.coco_ap(data, results(moved), "segm")["AP"] == pytest.approx(0.0)
+    assert scoring.coco_ap(data, results(truth), "bbox")["AP"] == pytest.approx(0.0)  # the boxes are wrong
+
+
+def test_masks_come_with_their_boxes_and_flip_with_them(demo):
+    """The Images dataset's masks: one per box, inside it, the demo's whole shapes (area = the json's),
+    and a flipped sample's masks are its unflipped masks flipped."""
+    train = detect_data.load_detection_set(demo[0], "train", masks=True)
+    ids = [r["id"] for r in train.images if r["id"] in train.boxes]
+    dataset = detect_data.Images(train, ids)
+    truth = json.loads(Path(demo[0]).read_text())
+    _, plain = dataset[(0, False)]
+    _, flipped = dataset[(0, True)]
+    assert plain["masks"].shape[0] == len(plain["boxes"]) > 0 and plain["masks"].dtype == torch.uint8
+    areas = [a["area"] for a in truth["annotations"] if a["image_id"] == ids[0]]
+    assert [int(m.sum()) for m in plain["masks"]] == areas
+    for mask, box in zip(plain["masks"], plain["boxes"]):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert xs.min() >= box[0] and xs.max() < box[2] and ys.min() >= box[1] and ys.max() < box[3]
+    assert torch.equal(flipped["masks"], plain["masks"].flip(-1))
+
+
+def test_masks_missing_or_malformed_are_one_line_errors(tmp_path, demo):
+    data = json.loads(Path(demo[0]).read_text())
+    for a in data["annotations"][3:5]:
+        del a["segmentation"]
+    data["annotations"][7]["segmentation"] = [[1, 2, 3]]  # not a polygon
+    bad = tmp_path / "annotations" / "instances_train2017.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DetectError) as e:
+        detect_data.load_detection_set(f"{bad}::{Path(demo[0]).parent.parent / 'train2017'}", "train", masks=True)
+    message = str(e.value)
+    assert "\n" not in message and "3 of its" in message and "annotation 4, no 'segmentation'" in message
+    assert "--detector mask_rcnn needs an instance mask" in message
+    detect_data.load_detection_set(f"{bad}::{Path(demo[0]).parent.parent / 'train2017'}", "train")  # boxes: fine
+
+
 @pytest.mark.skipif(_torchvision_works(), reason="this environment has a working torchvision")
 def test_without_torchvision_it_says_what_to_install(demo):
     proc = _fastemd("eval", "detect", "random", "--train", demo[0], "--val", demo[1])
@@ -200,7 +270,8 @@ def test_fine_tune_end_to_end_on_the_demo_data(demo, tmp_path):
     assert [r["iteration"] for r in rows] == [6]  # tiny logs every 10, and at the end
     assert all(np.isfinite(rows[0][k]) for k in ("loss", "loss_classifier", "loss_box_reg", "loss_objectness"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003.pt", "step_00000006.pt"]
-    assert "box AP, tiny schedule (6 iterations)" in proc.stdout and "random init (resnet18, width 8" in proc.stdout
+    assert "Faster R-CNN FPN, tiny schedule (6 iterations)" in proc.stdout and "random init (resnet18, width 8" in proc.stdout
+    assert report["detector"] == "faster_rcnn" and "mask" not in report
 
 
 @needs_torchvision
@@ -210,7 +281,7 @@ def test_every_backbone_parameter_and_bn_trains(demo):
 
     train = detect_data.load_detection_set(demo[0], "train")
     backbone = random_backbone("resnet18", 8, seed=0)
-    model = detect_model.build_detector(backbone, len(train.categories), SCHEDULES["tiny"])
+    model = detect_model.build_detector("faster_rcnn", backbone, len(train.categories), SCHEDULES["tiny"])
     assert all(p.requires_grad for p in model.parameters())
     norms = [m for m in model.modules() if type(m).__name__.endswith(("Norm", "Norm2d"))]
     assert len(norms) > 20 and all(type(m) is nn.BatchNorm2d for m in norms)  # not torchvision's FrozenBatchNorm2d
@@ -227,6 +298,73 @@ def test_every_backbone_parameter_and_bn_trains(demo):
     after = backbone.state_dict()
     for key in ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "bn1.running_mean"):
         assert not torch.equal(before[key], after[key]), key
+
+
+@needs_torchvision
+@pytest.mark.parametrize("detector, builder", [
+    ("faster_rcnn", "fasterrcnn_resnet50_fpn_v2"), ("mask_rcnn", "maskrcnn_resnet50_fpn_v2"),
+    ("retinanet", "retinanet_resnet50_fpn_v2"),
+])
+def test_each_detector_is_torchvisions_v2_design(detector, builder):
+    """On fastemd's ResNet-50 at the 1x schedule's widths, each detector has exactly the parameters
+    and buffers (names and shapes) and the norm layers of torchvision's own v2 builder, nothing
+    frozen (torchvision's builder with trainable_backbone_layers=5 and no weights)."""
+    import torchvision.models.detection as tvd
+
+    from fastemd.eval.probe import random_backbone
+
+    ours = detect_model.build_detector(detector, random_backbone("resnet50", 64, seed=0), 3, SCHEDULES["1x"])
+    theirs = getattr(tvd, builder)(weights=None, weights_backbone=None, num_classes=4, trainable_backbone_layers=5)
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    norms = [type(m).__name__ for m in ours.modules() if "Norm" in type(m).__name__]
+    assert norms == [type(m).__name__ for m in theirs.modules() if "Norm" in type(m).__name__]
+    assert all(p.requires_grad for p in ours.parameters())
+    if detector == "retinanet":
+        assert ours.head.regression_head._loss_type == "giou" and ours.detections_per_img == 100
+
+
+@needs_torchvision
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
+def test_mask_rcnn_and_retinanet_end_to_end_on_the_demo_data(demo, tmp_path, detector):
+    """As a user runs them: the loss parts in metrics.jsonl, box AP (and mask AP for Mask R-CNN) in
+    detect.json and the table, RetinaNet at half the lr; a resume with another detector is refused."""
+    out = tmp_path / "run"
+    args = ["eval", "detect", "random", "--arch", "resnet18", "--width", "8", "--detector", detector,
+            "--train", demo[0], "--val", demo[1], "--out", str(out), *QUICK]
+    proc = _fastemd(*args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "detect.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert report["detector"] == detector and report["iterations"] == 6
+    for name in scoring.AP_NAMES:
+        assert report[name] is None or 0.0 <= report[name] <= 100.0
+    if detector == "mask_rcnn":
+        assert set(report["mask"]) == set(scoring.AP_NAMES) and np.isfinite(rows[-1]["loss_mask"])
+        assert "Mask R-CNN FPN, tiny schedule" in proc.stdout and "mask AP" in proc.stdout
+        assert report["lr"] == pytest.approx(0.02 * 2 / 8)
+    else:
+        assert {"classification", "bbox_regression"} <= set(rows[-1]) and "mask" not in report
+        assert "RetinaNet FPN, tiny schedule" in proc.stdout and "mask AP" not in proc.stdout
+        assert report["lr"] == pytest.approx(0.01 * 2 / 8)  # detectron2's RetinaNet lr: half the R-CNNs'
+    other = "retinanet" if detector == "mask_rcnn" else "mask_rcnn"
+    swapped = [other if a == detector else a for a in args]
+    (out / "detect.json").unlink()
+    _one_line_error(_fastemd(*swapped, "--resume", "auto"), f"a {detector} fine-tune", "another detector")
+
+
+@needs_torchvision
+def test_mask_rcnn_on_boxes_only_is_one_line(demo, tmp_path):
+    data = json.loads(Path(demo[0]).read_text())
+    for a in data["annotations"]:
+        a.pop("segmentation")
+    boxes_only = tmp_path / "boxes.json"
+    boxes_only.write_text(json.dumps(data))
+    source = f"{boxes_only}::{Path(demo[0]).parent.parent / 'train2017'}"
+    proc = _fastemd("eval", "detect", "random", "--arch", "resnet18", "--width", "8", "--detector", "mask_rcnn",
+                    "--train", source, "--val", demo[1], "--out", str(tmp_path / "run"), *QUICK)
+    _one_line_error(proc, "--train", "have no usable instance mask", "faster_rcnn and retinanet need boxes only")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @needs_torchvision
@@ -352,7 +490,7 @@ def test_readme_torchrun_line_on_two_ranks(demo, tmp_path):
     proc = subprocess.run([*argv, *QUICK[:2], "--batch-size", "4", *QUICK[4:]], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("box AP, tiny schedule") == 1  # rank 0 alone reports
+    assert proc.stdout.count("Faster R-CNN FPN, tiny schedule") == 1  # rank 0 alone reports
     report = json.loads((tmp_path / "run" / "detect.json").read_text())
     assert report["batch"] == 4 and report["detections"] >= 0
 

@@ -122,7 +122,7 @@ def test_no_detectron2_config_for_a_backbone_detectron2_cannot_build(tmp_path, c
     path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=8")
     assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18.pkl")]) == 0
     out = capsys.readouterr().out
-    assert "no detectron2 config: detectron2 builds resnet18 only with res2 at 64 channels, and this one has 8" in out
+    assert "no detectron2 config: detectron2 builds ResNet-18 only with res2 at 64 channels, and this one has 8" in out
     assert "MODEL:" not in out and (tmp_path / "r18.pkl").is_file()
     assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "r18b.pkl"),
                  "--recipe-output", str(tmp_path / "r18.yaml")]) == 1  # a config was asked for: it cannot be had
@@ -141,7 +141,7 @@ def test_the_recipe_can_be_written_to_a_file_that_is_the_printed_one(tmp_path, c
             str(recipe)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert f"wrote the detectron2 config for the COCO 1x fine-tune to {recipe}:" in out
+    assert f"wrote the detectron2 config for the COCO 1x fine-tune (faster_rcnn_fpn) to {recipe}:" in out
     assert recipe.read_text() in out and yaml.safe_load(recipe.read_text())["MODEL"]["RESNETS"]["DEPTH"] == 18
     before = recipe.read_text()
     assert main([*argv[:4], "--output", str(tmp_path / "w2.pkl"), "--recipe-output", str(recipe)]) == 1
@@ -155,14 +155,14 @@ def test_the_recipe_can_be_written_to_a_file_that_is_the_printed_one(tmp_path, c
 
 
 def test_readme_shows_the_recipe_the_command_prints():
-    """README's sample (for selfemd_r50.pkl) is the template filled for a ResNet-50, to the letter."""
+    """README's sample (for selfemd_r50.pkl) is the default recipe filled for a ResNet-50, to the letter."""
     from pathlib import Path
 
-    from fastemd.export import DETECTRON2_CONFIG
+    from fastemd.recipes import recipe_yaml
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     sample = readme.split("For `selfemd_r50.pkl` it prints", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    expected = DETECTRON2_CONFIG.format(weights="selfemd_r50.pkl", depth=50, stem=64, res2=256, width=64)
+    expected = recipe_yaml("faster_rcnn_fpn", "selfemd_r50.pkl", depth=50, stem=64, res2=256, width=64)
     assert sample.rstrip("\n") == expected.rstrip("\n")
 
 
@@ -174,17 +174,26 @@ def test_detectron2_recipe_is_the_ssl_fine_tune_and_parses(tmp_path, capsys):
     weights = tmp_path / "r50.pkl"
     assert main(["export", str(path), "--format", "detectron2", "--output", str(weights)]) == 0
     out = capsys.readouterr().out
-    header = "detectron2 config for the COCO 1x fine-tune (the YAML below, to the end):\n"
+    header = "detectron2 config for the COCO 1x fine-tune (faster_rcnn_fpn; the YAML below, to the end):\n"
     assert header in out
     cfg = yaml.safe_load(out.split(header, 1)[1])
     model = cfg["MODEL"]
-    assert cfg["_BASE_"] == "Base-RCNN-FPN.yaml" and model["WEIGHTS"] == str(weights.resolve())
-    assert model["MASK_ON"] is False
-    assert model["BACKBONE"]["FREEZE_AT"] == 0
+    assert "_BASE_" not in cfg and model["WEIGHTS"] == str(weights.resolve())  # usable wherever it is saved
+    assert model["MASK_ON"] is False and model["META_ARCHITECTURE"] == "GeneralizedRCNN"
+    assert model["BACKBONE"] == {"NAME": "build_resnet_fpn_backbone", "FREEZE_AT": 0}
     assert model["RESNETS"] == {"DEPTH": 50, "STRIDE_IN_1X1": False, "STEM_OUT_CHANNELS": 64,
-                                "RES2_OUT_CHANNELS": 256, "WIDTH_PER_GROUP": 64, "NORM": "SyncBN"}
-    assert model["FPN"]["NORM"] == "SyncBN"
-    assert model["ROI_BOX_HEAD"] == {"NAME": "FastRCNNConvFCHead", "NUM_CONV": 4, "NUM_FC": 1, "NORM": "SyncBN"}
+                                "RES2_OUT_CHANNELS": 256, "WIDTH_PER_GROUP": 64, "NORM": "SyncBN",
+                                "OUT_FEATURES": ["res2", "res3", "res4", "res5"]}
+    assert model["FPN"] == {"IN_FEATURES": ["res2", "res3", "res4", "res5"], "NORM": "SyncBN"}
+    assert model["ROI_BOX_HEAD"] == {"NAME": "FastRCNNConvFCHead", "NUM_CONV": 4, "NUM_FC": 1,
+                                     "POOLER_RESOLUTION": 7, "NORM": "SyncBN"}
+    # Base-RCNN-FPN.yaml's keys, written out (detectron2's configs/, commit 02b5c4e)
+    assert model["ANCHOR_GENERATOR"] == {"SIZES": [[32], [64], [128], [256], [512]],
+                                         "ASPECT_RATIOS": [[0.5, 1.0, 2.0]]}
+    assert model["RPN"] == {"IN_FEATURES": ["p2", "p3", "p4", "p5", "p6"], "PRE_NMS_TOPK_TRAIN": 2000,
+                            "PRE_NMS_TOPK_TEST": 1000, "POST_NMS_TOPK_TRAIN": 1000, "POST_NMS_TOPK_TEST": 1000}
+    assert model["ROI_HEADS"] == {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"]}
+    assert cfg["VERSION"] == 2
     assert cfg["TEST"]["PRECISE_BN"]["ENABLED"] is True
     assert cfg["INPUT"]["FORMAT"] == "RGB"
     np.testing.assert_allclose(model["PIXEL_MEAN"], [v * 255 for v in (0.485, 0.456, 0.406)], atol=1e-3)
@@ -271,3 +280,106 @@ def test_the_detectron2_pkl_names_nothing_numpy_1_lacks(tmp_path):
     got = data["model"]["stem.conv1.weight"]
     assert got.dtype == np.float32 and got.shape == conv.shape and np.array_equal(got, conv) and got.flags.writeable
     assert data["__author__"] == "fastemd" and data["matching_heuristics"] is True
+
+
+def _recipe(tmp_path, capsys, recipe, arch="resnet50", width=64):
+    yaml = pytest.importorskip("yaml")
+    path, _ = make_checkpoint(tmp_path, f"model.arch={arch}", f"model.width={width}")
+    out_yaml = tmp_path / "deep" / "folder" / f"{recipe}.yaml"
+    status = main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / f"{recipe}.pkl"),
+                   "--recipe", recipe, "--recipe-output", str(out_yaml)])
+    captured = capsys.readouterr()
+    return status, captured, (yaml.safe_load(out_yaml.read_text()) if out_yaml.exists() else None)
+
+
+def _norms(tree, path=""):
+    """Every NORM key of a config and its value."""
+    found = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found.update(_norms(value, f"{path}{key}."))
+        elif key == "NORM":
+            found[path + key] = value
+    return found
+
+
+@pytest.mark.parametrize("recipe, norms", [
+    ("faster_rcnn_fpn", {"RESNETS", "FPN", "ROI_BOX_HEAD"}),
+    ("mask_rcnn_fpn", {"RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"}),
+    ("mask_rcnn_c4", {"RESNETS"}),  # res5 is the box head there, normed as the backbone
+    ("retinanet", {"RESNETS", "FPN", "RETINANET"}),
+])
+def test_every_recipe_is_the_ssl_fine_tune_of_its_setting(tmp_path, capsys, recipe, norms):
+    """Each of the four: self-contained, nothing frozen, SyncBN wherever it sets a norm (and in the
+    parts detectron2 has a norm option for), precise BN, RGB with torchvision's statistics, COCO
+    1x at 16 images, and the keys of its own detectron2 setting."""
+    status, captured, cfg = _recipe(tmp_path, capsys, recipe)
+    assert status == 0, captured.err
+    model = cfg["MODEL"]
+    assert "_BASE_" not in cfg and model["WEIGHTS"] == str((tmp_path / f"{recipe}.pkl").resolve())
+    assert model["BACKBONE"]["FREEZE_AT"] == 0 and model["RESNETS"]["STRIDE_IN_1X1"] is False
+    assert _norms(cfg) == {f"MODEL.{part}.NORM": "SyncBN" for part in norms}
+    assert cfg["TEST"]["PRECISE_BN"]["ENABLED"] is True and cfg["INPUT"]["FORMAT"] == "RGB"
+    np.testing.assert_allclose(model["PIXEL_STD"], [v * 255 for v in (0.229, 0.224, 0.225)], atol=1e-3)
+    solver = cfg["SOLVER"]
+    assert (solver["IMS_PER_BATCH"], solver["MAX_ITER"], ast.literal_eval(solver["STEPS"])) == (16, 90000,
+                                                                                                 (60000, 80000))
+    if recipe == "retinanet":  # Base-RetinaNet.yaml: its own lr, anchors at 3 scales an octave, C3-C5
+        assert model["META_ARCHITECTURE"] == "RetinaNet" and solver["BASE_LR"] == 0.01
+        expected = [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [32, 64, 128, 256, 512]]  # its eval line
+        np.testing.assert_allclose(model["ANCHOR_GENERATOR"]["SIZES"], expected, rtol=1e-12)
+        assert model["RESNETS"]["OUT_FEATURES"] == model["FPN"]["IN_FEATURES"] == ["res3", "res4", "res5"]
+        assert model["RETINANET"]["IOU_THRESHOLDS"] == [0.4, 0.5] and model["RETINANET"]["SMOOTH_L1_LOSS_BETA"] == 0
+        assert "MASK_ON" not in model
+    else:
+        assert model["META_ARCHITECTURE"] == "GeneralizedRCNN" and solver["BASE_LR"] == 0.02
+        assert model["MASK_ON"] is recipe.startswith("mask")
+    if recipe == "mask_rcnn_c4":  # Base-RCNN-C4.yaml
+        assert model["ROI_HEADS"] == {"NAME": "Res5ROIHeads"} and "FPN" not in model
+        assert model["BACKBONE"]["NAME"] == "build_resnet_backbone" and model["RESNETS"]["OUT_FEATURES"] == ["res4"]
+        assert model["RPN"] == {"PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000}
+    if recipe == "mask_rcnn_fpn":
+        assert model["ROI_MASK_HEAD"] == {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "POOLER_RESOLUTION": 14,
+                                          "NORM": "SyncBN"}
+    assert f"({recipe}) to " in captured.out
+
+
+def test_no_c4_recipe_for_a_basic_block_resnet(tmp_path, capsys):
+    """detectron2's C4 head builds a bottleneck res5: a ResNet-18's weights would not fit it. One
+    line says so, nothing is written; its FPN recipes are fine."""
+    status, captured, cfg = _recipe(tmp_path, capsys, "mask_rcnn_c4", arch="resnet18")
+    assert status == 1 and cfg is None and not (tmp_path / "mask_rcnn_c4.pkl").exists()
+    assert captured.err.count("\n") == 1 and "Res5ROIHeads" in captured.err and "ResNet-18" in captured.err
+    status, captured, cfg = _recipe(tmp_path, capsys, "mask_rcnn_fpn", arch="resnet18")
+    assert status == 0 and cfg["MODEL"]["RESNETS"]["DEPTH"] == 18 and cfg["MODEL"]["MASK_ON"] is True
+
+
+def test_recipe_goes_with_detectron2_only(tmp_path, capsys):
+    path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=64")
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "t.pth"),
+                 "--recipe", "retinanet"]) == 1
+    assert "--recipe goes with --format detectron2" in capsys.readouterr().err
+    assert not (tmp_path / "t.pth").exists()
+
+
+@pytest.mark.slow
+def test_every_recipe_against_a_built_detectron2(tmp_path):
+    """tools/check_detectron2.py as a user runs it, where detectron2 is built (README,
+    'detectron2'): every recipe read by detectron2's config system, the weights loaded with every
+    backbone value equal, a few iterations and COCOEvaluator on the demo data."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("detectron2._C", reason="no built detectron2 here")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FASTEMD_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(root / "tools" / "check_detectron2.py"), "--json",
+                           str(tmp_path / "rows.json")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["ok"] for r in rows)
+    refused = [r for r in rows if "refused" in r]
+    assert [(r["backbone"], r["recipe"]) for r in refused] == [("resnet18 width 64", "mask_rcnn_c4")]

@@ -177,3 +177,14 @@ def test_readme_slurm_line_group_sigterm_checkpoints_at_once_and_resumes_exactly
     assert a["step"] == b["step"] == 40
     for key in b["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_check_detectron2_without_detectron2_says_how_to_build_it():
+    """`python tools/check_detectron2.py` where no detectron2 is built: one line, exit 2 (CI's
+    environments; the check itself: tests/test_export.py, slow, where detectron2 is built)."""
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here: the slow test runs the check")
+    done = subprocess.run([sys.executable, "tools/check_detectron2.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "no built detectron2 here" in done.stderr and "README" in done.stderr

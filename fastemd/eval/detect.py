@@ -1,19 +1,26 @@
-"""`fastemd eval detect BACKBONE --train TRAIN.json --val VAL.json`: fine-tune Faster R-CNN with FPN
-on a backbone and report COCO box AP (SPEC section 7, the detection protocol).
+"""`fastemd eval detect BACKBONE --train TRAIN.json --val VAL.json`: fine-tune a detector on a
+backbone and report COCO box AP, and mask AP for Mask R-CNN (SPEC section 7, the detection protocol).
 
     fastemd eval detect runs/demo/backbone_torchvision.pth --train demo --val demo
     fastemd eval detect random --arch resnet18 --width 16 --train demo --val demo      # the baseline
+    fastemd eval detect runs/demo/backbone_torchvision.pth --detector mask_rcnn --train demo --val demo
     torchrun --nproc_per_node=8 -m fastemd.cli eval detect r50.pth --schedule 1x \
         --train datasets/coco/annotations/instances_train2017.json \
         --val datasets/coco/annotations/instances_val2017.json --out runs/detect_r50
 
-The detector is torchvision's Faster R-CNN (the ``fasterrcnn_resnet50_fpn_v2`` design) on the
-given ResNet: FPN over C2-C5 with BatchNorm, an RPN head of two convs, a 4conv1fc box head with
-BatchNorm. It is the recipe of DenseCL's and PixPro's detection benchmarks (and of the detectron2
-config `fastemd export --format detectron2` prints): every backbone stage trainable (detectron2's
-FREEZE_AT 0; torchvision's default freezes the stem and res2 and uses frozen BN), BatchNorm
-trained everywhere (SyncBatchNorm across ranks on CUDA), precise-BN statistics before the
-evaluation. Box AP is COCOeval's (pycocotools) on the val set.
+The detectors (`--detector`, model.DETECTORS) are torchvision's v2 designs on the given ResNet:
+- ``faster_rcnn`` (default; ``fasterrcnn_resnet50_fpn_v2``): FPN over C2-C5 with BatchNorm, an RPN
+  head of two convs, a 4conv1fc box head with BatchNorm. The paper's headline setting.
+- ``mask_rcnn`` (``maskrcnn_resnet50_fpn_v2``): the same with a 4-conv mask head with BatchNorm;
+  box and mask AP. The paper's Mask R-CNN FPN; its C4 setting has no torchvision design
+  (`fastemd export --recipe mask_rcnn_c4` writes detectron2's).
+- ``retinanet`` (``retinanet_resnet50_fpn_v2``): FPN over C3-C5 with P6-P7, a GroupNorm head, GIoU
+  box loss, half the R-CNNs' lr (as detectron2's RetinaNet). The paper's RetinaNet FPN.
+All three are fine-tuned with the recipe of DenseCL's and PixPro's detection benchmarks (and of
+the detectron2 configs `fastemd export --format detectron2` writes): every backbone stage trainable
+(detectron2's FREEZE_AT 0; torchvision's default freezes the stem and res2 and uses frozen BN),
+BatchNorm trained everywhere (SyncBatchNorm across ranks on CUDA), precise-BN statistics before the
+evaluation. AP is COCOeval's (pycocotools) on the val set.
 
 Schedules (`SCHEDULES`):
 - ``1x``: COCO's: 90k iterations at 16 images, lr 0.02 (linear rule for another batch), warm-up
@@ -53,8 +60,8 @@ from fastemd.eval.detection import DetectError
 from fastemd.eval.detection.data import (Images, TrainBatches, check_same_categories, load_detection_set,
                                          make_loader, resolve_data, start_loader)
 from fastemd.eval.detection.finetune import FineTuneLog, Job, fine_tune
-from fastemd.eval.detection.model import (average_bn_statistics, build_detector, import_torchvision, param_groups,
-                                          precise_bn)
+from fastemd.eval.detection.model import (DETECTORS, average_bn_statistics, build_detector, import_torchvision,
+                                          param_groups, precise_bn)
 from fastemd.eval.detection.schedules import SCHEDULES, Schedule
 from fastemd.eval.detection.scoring import coco_ap, format_table, predict
 
@@ -69,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelled COCO json to fine-tune on ('demo': the demo dataset's train2017)")
     parser.add_argument("--val", required=True, metavar="VAL.json",
                         help="labelled COCO json for the box AP ('demo': the demo dataset's held-out val2017)")
+    parser.add_argument("--detector", choices=list(DETECTORS), default="faster_rcnn",
+                        help="faster_rcnn (default), mask_rcnn (box and mask AP; needs instance masks) or retinanet: "
+                        "torchvision's FPN v2 designs, the paper's Table 1 settings")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="tiny",
                         help="1x: COCO's 90k iterations at 16 images; tiny: the demo on a CPU (default)")
     parser.add_argument("--out", default=None, help="run folder (default runs/detect_<backbone>_<schedule>_seed<seed>, "
@@ -85,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(its lr steps scale with it)")
     parser.add_argument("--batch-size", type=int_in(1, 4096), default=None,
                         help="images per iteration, all ranks together (lr scales linearly; default the schedule's)")
-    parser.add_argument("--lr", type=float, default=None, help="base lr at the schedule's batch (default its own)")
+    parser.add_argument("--lr", type=float, default=None, help="base lr at the schedule's batch (default its own; "
+                        "retinanet's half of it, as detectron2's)")
     parser.add_argument("--ckpt-every", type=positive_int, default=None,
                         help="iterations between checkpoints (default: the schedule's; one is always written at the end)")
     parser.add_argument("--workers", type=int_in(0, 256), default=None, help="loader processes per rank "
@@ -97,11 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_out(args) -> Path:
-    """runs/detect_<name>_<schedule>_seed<seed>; a run's backbone_torchvision.pth is named by its run."""
+    """runs/detect_<name>[_<detector>]_<schedule>_seed<seed> (faster_rcnn's unnamed); a run's
+    backbone_torchvision.pth is named by its run."""
     path = Path(args.backbone)
     name = "random" if args.backbone == "random" else (
         path.parent.name if path.stem == "backbone_torchvision" and path.parent.name else path.stem)
-    return Path("runs") / f"detect_{name}_{args.schedule}_seed{args.seed}"
+    detector = "" if args.detector == "faster_rcnn" else f"_{args.detector}"
+    return Path("runs") / f"detect_{name}{detector}_{args.schedule}_seed{args.seed}"
 
 
 def _same_schedule(saved, schedule: Schedule) -> bool:
@@ -217,8 +230,9 @@ def _job(args: argparse.Namespace) -> Job:
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise DetectError(f"--lr must be a positive number, got {args.lr}")
     backbone = _load(args)
-    train_set = load_detection_set(resolve_data(args.train, "train2017"), "train")
-    val_set = load_detection_set(resolve_data(args.val, "val2017"), "val")
+    masks = DETECTORS[args.detector].masks
+    train_set = load_detection_set(resolve_data(args.train, "train2017"), "train", masks)
+    val_set = load_detection_set(resolve_data(args.val, "val2017"), "val", masks)
     check_same_categories(train_set, val_set)
     rank, world, device = _setup_distributed(args.device)
     cuda = device.type == "cuda"
@@ -233,10 +247,11 @@ def _job(args: argparse.Namespace) -> Job:
                            "warmup": max(1, round(schedule.warmup * scale)) if scale < 1 else schedule.warmup,
                            "steps": tuple(round(s * scale) for s in schedule.steps),
                            "ckpt_every": args.ckpt_every or schedule.ckpt_every, "batch": batch,
-                           "lr": args.lr or schedule.lr})
+                           "lr": args.lr or schedule.lr * DETECTORS[args.detector].lr_factor})
     lr = schedule.lr * batch / SCHEDULES[args.schedule].batch
     workers = args.workers if args.workers is not None else (4 if cuda else 1)
-    return Job(out, schedule, lr, args.seed, backbone, train_set, val_set, rank, world, device, workers, args.dashboard)
+    return Job(out, args.detector, schedule, lr, args.seed, backbone, train_set, val_set, rank, world, device,
+               workers, args.dashboard)
 
 
 def _checkpoint_to_resume(args: argparse.Namespace, out: Path) -> tuple[dict | None, Path | None]:
@@ -268,20 +283,23 @@ def _build(job: Job, state: dict | None, resume_path: Path | None) -> tuple[nn.M
     from fastemd.checkpoint import set_aside_newer
 
     torch.manual_seed(job.seed)
-    model = build_detector(job.backbone.model, len(job.train_set.categories), job.schedule).to(job.device)
+    model = build_detector(job.detector, job.backbone.model, len(job.train_set.categories), job.schedule)
+    model = model.to(job.device)
     if job.cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, job.schedule.weight_decay), lr=job.lr,
                                 momentum=job.schedule.momentum)
     start = 0
     if resume_path is not None:
-        same = (_same_schedule(state.get("schedule"), job.schedule) and state.get("backbone") == job.backbone.source
+        same = (state.get("detector", "faster_rcnn") == job.detector
+                and _same_schedule(state.get("schedule"), job.schedule) and state.get("backbone") == job.backbone.source
                 and state.get("seed") == job.seed and state.get("world_size") == job.world
                 and state.get("categories") == job.train_set.categories)
         if not same:
-            raise DetectError(f"{resume_path}: a fine-tune of {state.get('backbone')} (seed {state.get('seed')}, "
-                              f"{state.get('world_size')} rank(s)) with another schedule, batch, lr, data or "
-                              "rank count; resume with the same command, or choose another --out")
+            raise DetectError(f"{resume_path}: a {state.get('detector', 'faster_rcnn')} fine-tune of "
+                              f"{state.get('backbone')} (seed {state.get('seed')}, {state.get('world_size')} rank(s)) "
+                              "with another detector, schedule, batch, lr, data or rank count; resume with the same "
+                              "command, or choose another --out")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -303,7 +321,9 @@ def _say_plan(job: Job, schedule_name: str, train_images: int) -> None:
     if not job.main:
         return
     s, train, val = job.schedule, job.train_set, job.val_set
-    print(f"fastemd eval detect: {job.backbone.source}")
+    detector = DETECTORS[job.detector]
+    print(f"fastemd eval detect: {detector.title} on {job.backbone.source}")
+    print(f"  the paper's {detector.paper}")
     print(f"  fine-tune on {train_images} images of {train.json_path} ({len(train.categories)} "
           f"categories), box AP on {len(val.images)} images of {val.json_path}")
     for part in (train, val):
@@ -323,7 +343,8 @@ def _evaluate(job: Job, schedule_name: str, model: nn.Module, batches) -> int:
     s, world = job.schedule, job.world
     net = model.module if world > 1 else model
     if job.main:
-        print(f"  precise BN over {s.precise_bn} training batches, then box AP on {len(job.val_set.images)} images")
+        what = "box and mask AP" if DETECTORS[job.detector].masks else "box AP"
+        print(f"  precise BN over {s.precise_bn} training batches, then {what} on {len(job.val_set.images)} images")
     precise_bn(model, batches(s.iterations, s.iterations + s.precise_bn), job.device, s.precise_bn)
     if world > 1 and not job.cuda:  # SyncBN (CUDA) averaged them over ranks already; gloo ranks: here
         average_bn_statistics(net, world)
@@ -335,12 +356,17 @@ def _evaluate(job: Job, schedule_name: str, model: nn.Module, batches) -> int:
         results = [r for part in gathered for r in part]
     if not job.main:
         return 0
+    detector = DETECTORS[job.detector]
     ap = coco_ap(job.val_set, results)
-    report = {"backbone": job.backbone.source, "arch": job.backbone.arch, "width": job.backbone.width,
+    if detector.masks:
+        ap["mask"] = coco_ap(job.val_set, results, "segm")
+    report = {"detector": job.detector, "title": detector.title, "backbone": job.backbone.source,
+              "arch": job.backbone.arch, "width": job.backbone.width,
               "schedule": schedule_name, "iterations": s.iterations, "batch": s.batch, "lr": job.lr, "seed": job.seed,
               "train": str(job.train_set.json_path), "val": str(job.val_set.json_path), "detections": len(results),
               **ap}
     (job.out / "detect.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_table(report))
-    print(f"  (COCOeval box AP x100 on {job.val_set.json_path}; JSON in {job.out / 'detect.json'})")
+    print(f"  (COCOeval {'box and mask' if detector.masks else 'box'} AP x100 on {job.val_set.json_path}; JSON in "
+          f"{job.out / 'detect.json'})")
     return 0

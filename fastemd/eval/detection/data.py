@@ -24,6 +24,7 @@ class DetectionSet:
     categories: list[dict]  # {"id", "name"}, by id; label k is categories[k - 1]
     malformed: int  # annotations without a usable box, skipped
     coco: dict | None  # val only: the json as COCOeval reads it (its valid annotations, area and iscrowd filled in)
+    masks: dict[int, list] | None = None  # with masks: image id -> its boxes' `segmentation`s (polygons or RLE)
 
 
 def resolve_data(value: str, split: str) -> Path:
@@ -41,9 +42,10 @@ def resolve_data(value: str, split: str) -> Path:
                           "set FASTEMD_CACHE to a writable folder") from None
 
 
-def load_detection_set(source: str | Path, role: str) -> DetectionSet:
+def load_detection_set(source: str | Path, role: str, masks: bool = False) -> DetectionSet:
     """A labelled COCO json (images in COCO's layout beside it, or ``ANN.json::IMAGE_DIR``); `role`
-    ("train" or "val") names the option in messages, and "val" keeps COCOeval's ground truth."""
+    ("train" or "val") names the option in messages, and "val" keeps COCOeval's ground truth.
+    `masks`: every annotation must carry an instance mask, kept beside its box."""
     from fastemd.pipelines.sources import _coco_image_dir
 
     text, _, image_dir = str(source).partition("::")
@@ -99,12 +101,63 @@ def load_detection_set(source: str | Path, role: str) -> DetectionSet:
     if not boxes:
         raise DetectError(f"--{role} {path}: none of its {len(annotations)} annotations is a usable box "
                           "(bbox [x, y, w, h] of an image and category of the file)")
+    segments = None
+    if masks:
+        sizes = {r["id"]: (r.get("height"), r.get("width")) for r in data["images"]}
+        if problem := _mask_problem(valid, sizes):
+            raise DetectError(f"--{role} {path}: {problem}; --detector mask_rcnn needs an instance mask "
+                              "('segmentation': polygons or RLE) on every annotation (faster_rcnn and retinanet "
+                              "need boxes only)")
+        segments = {}
+        for a in valid:
+            if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1:  # as _usable_boxes
+                segments.setdefault(a["image_id"], []).append(a["segmentation"])
     return DetectionSet(
         path, images, {i: np.asarray(b, np.float32) for i, b in boxes.items()},
         {i: np.asarray(v, np.int64) for i, v in labels.items()}, categories, malformed,
         # COCOeval's ground truth: the val set's only (COCO train's json would stay in every rank's
         # memory for the whole fine-tune)
-        {"images": data["images"], "annotations": valid, "categories": data["categories"]} if role == "val" else None)
+        {"images": data["images"], "annotations": valid, "categories": data["categories"]} if role == "val" else None,
+        segments)
+
+
+def _mask_problem(annotations: list, sizes: dict) -> str | None:
+    """Why the annotations' `segmentation`s cannot be read as instance masks (the first bad one and
+    how many are), or None. Polygons: lists of >= 3 x, y pairs; RLE: {"counts", "size": [h, w]}
+    of its image's size."""
+    bad, first = 0, None
+    for a in annotations:
+        seg = a.get("segmentation")
+        if isinstance(seg, list):
+            ok = bool(seg) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                                   and all(isinstance(v, (int, float)) for v in p) for p in seg)
+        elif isinstance(seg, dict):
+            size = seg.get("size")
+            ok = (isinstance(seg.get("counts"), (list, str)) and isinstance(size, list) and len(size) == 2
+                  and (None in sizes.get(a["image_id"], (None, None)) or tuple(size) == sizes[a["image_id"]]))
+        else:
+            ok = False
+        if not ok:
+            bad += 1
+            first = first or a
+    if not bad:
+        return None
+    what = "no 'segmentation'" if "segmentation" not in first else f"segmentation {str(first['segmentation'])[:60]}"
+    return (f"{bad} of its {len(annotations)} annotations have no usable instance mask (first: annotation "
+            f"{first.get('id')}, {what})")
+
+
+def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """A COCO `segmentation` (polygons, uncompressed or compressed RLE) as an (H, W) uint8 mask."""
+    from pycocotools import mask as coco_mask
+
+    if isinstance(segmentation, list):
+        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = coco_mask.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return coco_mask.decode(rle)
 
 
 def _usable_boxes(annotations: list, known: set, label_of: dict) -> tuple[dict, dict, list, int]:
@@ -173,11 +226,18 @@ class Images(torch.utils.data.Dataset):
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         boxes = torch.from_numpy(self.data.boxes.get(image_id, np.zeros((0, 4), np.float32)).copy())
         labels = torch.from_numpy(self.data.labels.get(image_id, np.zeros((0,), np.int64)).copy())
+        target = {"boxes": boxes, "labels": labels, "image_id": image_id}
+        if self.data.masks is not None:
+            height, width = pixels.shape[1:]
+            masks = [decode_mask(s, height, width) for s in self.data.masks.get(image_id, [])]
+            target["masks"] = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, height, width), np.uint8))
         if flip:
             pixels = pixels.flip(-1)
             width = pixels.shape[-1]
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
-        return pixels, {"boxes": boxes, "labels": labels, "image_id": image_id}
+            target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
+        return pixels, target
 
 
 class TrainBatches:
@@ -231,6 +291,6 @@ def start_loader(loader: torch.utils.data.DataLoader):
 
 def to_device(images, targets, device):
     images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
-    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+    targets = [{k: t[k].to(device) for k in ("boxes", "labels", "masks") if k in t} for t in targets]
     return images, targets
 

@@ -24,8 +24,9 @@ class Job:
     """One fine-tune, as every rank sees it (but for its rank and device)."""
 
     out: Path
+    detector: str  # a model.DETECTORS key
     schedule: Schedule  # scaled to --iterations, with --batch-size, --lr and --ckpt-every applied
-    lr: float  # at this batch (the linear rule)
+    lr: float  # at this batch (the linear rule), the detector's
     seed: int
     backbone: object  # fastemd.eval.probe.Backbone
     train_set: DetectionSet
@@ -143,7 +144,7 @@ def save(job: Job, model: nn.Module, optimizer, iteration: int) -> None:
         return
     model_state = (model.module if job.world > 1 else model).state_dict()
     try:
-        save_checkpoint({"kind": "detect", "model": model_state, "optimizer": optimizer.state_dict(),
+        save_checkpoint({"kind": "detect", "detector": job.detector, "model": model_state, "optimizer": optimizer.state_dict(),
                          "iteration": iteration, "schedule": asdict(job.schedule), "rng": rng, "world_size": job.world,
                          "categories": job.train_set.categories, "backbone": job.backbone.source, "seed": job.seed},
                         job.out, iteration, keep_last=2)
@@ -171,6 +172,11 @@ def open_metrics(path: Path, start: int):
 
 
 
+# the detectors' loss parts (torchvision's names) as the display shows them
+LOSS_NAMES = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
+              "loss_rpn_box_reg": "rpn", "classification": "cls", "bbox_regression": "box"}
+
+
 class Display:
     """On a terminal a live panel: a progress bar with the ETA, and under it the loss parts, lr and
     s/it of the last log step; elsewhere a plain line per log step."""
@@ -191,9 +197,8 @@ class Display:
             self.live.start()
 
     def update(self, m: dict) -> None:
-        line = (f"loss {m['loss']:.3f} (cls {m['loss_classifier']:.3f} box {m['loss_box_reg']:.3f} "
-                f"obj {m['loss_objectness']:.3f} rpn {m['loss_rpn_box_reg']:.3f}) lr {m['lr']:.4g} "
-                f"{m['sec_per_iter']:.2f} s/it")
+        parts = " ".join(f"{short} {m[key]:.3f}" for key, short in LOSS_NAMES.items() if key in m)
+        line = f"loss {m['loss']:.3f} ({parts}) lr {m['lr']:.4g} {m['sec_per_iter']:.2f} s/it"
         if self.live is not None:
             self.progress.update(self.task, completed=m["iteration"])
             self.text.plain = line

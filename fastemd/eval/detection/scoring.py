@@ -1,4 +1,5 @@
-"""The evaluation: detections on the val images (`predict`), COCOeval's box AP (`coco_ap`) and its table."""
+"""The evaluation: detections on the val images (`predict`), COCOeval's box and mask AP (`coco_ap`)
+and their table."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 @torch.no_grad()
 def predict(model: nn.Module, data: DetectionSet, device: torch.device, batch: int, rank: int, world: int,
             workers: int, amp: bool) -> list[dict]:
-    """COCO results ([x, y, w, h], score, category id) of this rank's share of the val images."""
+    """COCO results ([x, y, w, h], score, category id; with masks their compressed RLE at the
+    image's size, thresholded at 0.5 as detectron2) of this rank's share of the val images."""
     model.eval()
     ids = [r["id"] for r in data.images][rank::world]
     loader = make_loader(Images(data, ids), batch_size=batch, num_workers=workers,
@@ -28,27 +30,44 @@ def predict(model: nn.Module, data: DetectionSet, device: torch.device, batch: i
         for target, out in zip(targets, outputs):
             boxes = out["boxes"].float().cpu()
             boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(boxes.tolist(), out["scores"].float().cpu().tolist(),
-                                         out["labels"].cpu().tolist()):
+            masks = _encode(out["masks"]) if "masks" in out else [None] * len(boxes)
+            for box, score, label, mask in zip(boxes.tolist(), out["scores"].float().cpu().tolist(),
+                                               out["labels"].cpu().tolist(), masks):
                 results.append({"image_id": target["image_id"], "bbox": [round(v, 2) for v in box],
                                 "score": round(score, 5), "category_id": data.categories[label - 1]["id"]})
+                if mask is not None:
+                    results[-1]["segmentation"] = mask
     return results
 
 
-def coco_ap(data: DetectionSet, results: list[dict]) -> dict:
-    """COCOeval's box AP (x100) of `results` against the val json; zeros for no detections."""
+def _encode(masks: torch.Tensor) -> list[dict]:
+    """(N, 1, H, W) mask probabilities -> N compressed RLEs (json-ready: counts as str)."""
+    import numpy as np
+    from pycocotools import mask as coco_mask
+
+    binary = (masks[:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+    rles = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(binary) else []
+    return [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def coco_ap(data: DetectionSet, results: list[dict], iou_type: str = "bbox") -> dict:
+    """COCOeval's box (`iou_type` "bbox") or mask ("segm") AP (x100) of `results` against the val
+    json; zeros for no detections."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     if not results:
         return {name: 0.0 for name in AP_NAMES}
+    # one kind of region a result (as detectron2): with both, loadRes would take the box's area for a mask's
+    kept = ("image_id", "category_id", "score", "segmentation" if iou_type == "segm" else "bbox")
+    results = [{k: r[k] for k in kept} for r in results]
     quiet = contextlib.redirect_stdout(io.StringIO())
     with quiet:
         truth = COCO()
         truth.dataset = data.coco  # checked and completed at load: no surprise after the fine-tune
         truth.createIndex()
         found = truth.loadRes(results)
-        evaluator = COCOeval(truth, found, "bbox")
+        evaluator = COCOeval(truth, found, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -60,11 +79,16 @@ def format_table(report: dict) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"box AP, {report['schedule']} schedule ({report['iterations']} iterations)")
+    title = report.get("title", "Faster R-CNN FPN")
+    table = Table(title=f"{title}, {report['schedule']} schedule ({report['iterations']} iterations)")
     table.add_column("backbone")
+    table.add_column("")
     for name in AP_NAMES:
         table.add_column(name, justify="right")
-    table.add_row(report["backbone"], *("-" if report[name] is None else f"{report[name]:.1f}" for name in AP_NAMES))
+    rows = [("box AP", report)] + ([("mask AP", report["mask"])] if report.get("mask") else [])
+    for k, (what, ap) in enumerate(rows):
+        table.add_row(report["backbone"] if k == 0 else "", what,
+                      *("-" if ap[name] is None else f"{ap[name]:.1f}" for name in AP_NAMES))
     console = Console(file=io.StringIO(), width=120)
     console.print(table)
     return console.file.getvalue().rstrip()
