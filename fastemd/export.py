@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network", default="online", choices=["online", "target"],
                         help="which backbone: the online network (default, as BYOL evaluates) or the EMA target")
     parser.add_argument("--force", action="store_true", help="replace --output (and --recipe-output) if it exists")
-    parser.add_argument("--recipe", choices=list(RECIPES), default="faster_rcnn_fpn",
+    parser.add_argument("--recipe", choices=list(RECIPES), default=None,
                         help="detectron2: the fine-tune config to print, one of the paper's four settings "
                         "(default faster_rcnn_fpn, its headline)")
     parser.add_argument("--recipe-output", metavar="FILE.yaml",
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if problem := _recipe_problem(args):
         print(f"fastemd export: error: {problem}", file=sys.stderr)
         return 1
-    if args.format != "detectron2" and args.recipe != "faster_rcnn_fpn":
+    if args.format != "detectron2" and args.recipe:
         print("fastemd export: error: --recipe goes with --format detectron2 (the detectron2 fine-tune config)",
               file=sys.stderr)
         return 1
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         width = model.get("width", 64)  # res2's channels: the width, x4 for a bottleneck ResNet
         depth = _DEPTH.get(model.get("arch", "resnet50"), 50)
-        if why := no_recipe(args.recipe, depth, width if depth in (18, 34) else 4 * width):
+        if why := no_recipe(args.recipe or "faster_rcnn_fpn", depth, width if depth in (18, 34) else 4 * width):
             print(f"fastemd export: error: --recipe-output: no detectron2 config: {why}", file=sys.stderr)
             return 1
     try:
@@ -194,19 +194,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {info['tensors']} tensors of the {info['network']} {info['arch']} backbone "
           f"(step {info['step']}) to {info['output']} ({info['format']})")
     if args.format == "detectron2":
-        depth = _DEPTH.get(info["arch"], 50)
-        if why := no_recipe(args.recipe, depth, info["res2"]):
+        depth, name = _DEPTH.get(info["arch"], 50), args.recipe or "faster_rcnn_fpn"
+        if why := no_recipe(name, depth, info["res2"]):
             # detectron2 would reject the config or load the weights into the wrong shapes: no recipe
             print(f"no detectron2 config: {why}")
             return 0
         # an absolute WEIGHTS path: detectron2's train_net.py runs from its own checkout
-        recipe = recipe_yaml(args.recipe, str(Path(info["output"]).resolve()), depth, info["stem"], info["res2"],
-                             info["width"])
+        recipe = recipe_yaml(name, str(Path(info["output"]).resolve()), depth, info["stem"], info["res2"], info["width"])
         if args.recipe_output:
             _atomic_write(Path(args.recipe_output), lambda f: f.write(recipe.encode() + b"\n"))
-            print(f"wrote the detectron2 config for the COCO 1x fine-tune ({args.recipe}) to {args.recipe_output}:")
+            print(f"wrote the detectron2 config for the COCO 1x fine-tune ({name}) to {args.recipe_output}:")
         else:
-            print(f"detectron2 config for the COCO 1x fine-tune ({args.recipe}; the YAML below, to the end):")
+            print(f"detectron2 config for the COCO 1x fine-tune ({name}; the YAML below, to the end):")
         print(recipe)
     elif info["stem"] == 64:
         print(f"torchvision: m = torchvision.models.{info['arch']}(); "

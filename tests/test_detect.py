@@ -229,20 +229,34 @@ def test_masks_come_with_their_boxes_and_flip_with_them(demo):
     assert torch.equal(flipped["masks"], plain["masks"].flip(-1))
 
 
-def test_masks_missing_or_malformed_are_one_line_errors(tmp_path, demo):
+def test_annotations_without_a_usable_mask_are_skipped_as_detectron2_does(tmp_path, demo):
+    """Mask R-CNN's data: an annotation without `segmentation`, or with only polygons of under 3
+    points, is left out (of training and of COCOeval's ground truth) and counted, its image's other
+    objects kept with their masks aligned; a short polygon beside a good one is dropped alone; a
+    set with no usable mask at all is a one-line error."""
     data = json.loads(Path(demo[0]).read_text())
     for a in data["annotations"][3:5]:
         del a["segmentation"]
-    data["annotations"][7]["segmentation"] = [[1, 2, 3]]  # not a polygon
+    data["annotations"][7]["segmentation"] = [[1, 2, 3, 4]]  # 2 points: pycocotools would read it as a box
+    data["annotations"][8]["segmentation"] = [[1, 2, 3, 4], [10, 10, 20, 10, 20, 20]]  # one good polygon
+    images = Path(demo[0]).parent.parent / "train2017"
     bad = tmp_path / "annotations" / "instances_train2017.json"
     bad.parent.mkdir()
     bad.write_text(json.dumps(data))
+    loaded = detect_data.load_detection_set(f"{bad}::{images}", "train", masks=True)
+    assert loaded.no_mask == 3 and loaded.malformed == 0
+    assert sum(len(v) for v in loaded.boxes.values()) == len(data["annotations"]) - 3
+    for image_id, boxes in loaded.boxes.items():
+        assert len(loaded.masks[image_id]) == len(boxes) == len(loaded.labels[image_id])
+    kept = data["annotations"][8]
+    assert [[10, 10, 20, 10, 20, 20]] in loaded.masks[kept["image_id"]]
+    assert detect_data.load_detection_set(f"{bad}::{images}", "train").no_mask == 0  # boxes only: all kept
+    for a in data["annotations"]:
+        a.pop("segmentation", None)
+    bad.write_text(json.dumps(data))
     with pytest.raises(DetectError) as e:
-        detect_data.load_detection_set(f"{bad}::{Path(demo[0]).parent.parent / 'train2017'}", "train", masks=True)
-    message = str(e.value)
-    assert "\n" not in message and "3 of its" in message and "annotation 4, no 'segmentation'" in message
-    assert "--detector mask_rcnn needs an instance mask" in message
-    detect_data.load_detection_set(f"{bad}::{Path(demo[0]).parent.parent / 'train2017'}", "train")  # boxes: fine
+        detect_data.load_detection_set(f"{bad}::{images}", "train", masks=True)
+    assert "\n" not in str(e.value) and "none of its" in str(e.value) and "usable instance mask" in str(e.value)
 
 
 @pytest.mark.skipif(_torchvision_works(), reason="this environment has a working torchvision")
@@ -363,7 +377,7 @@ def test_mask_rcnn_on_boxes_only_is_one_line(demo, tmp_path):
     source = f"{boxes_only}::{Path(demo[0]).parent.parent / 'train2017'}"
     proc = _fastemd("eval", "detect", "random", "--arch", "resnet18", "--width", "8", "--detector", "mask_rcnn",
                     "--train", source, "--val", demo[1], "--out", str(tmp_path / "run"), *QUICK)
-    _one_line_error(proc, "--train", "have no usable instance mask", "faster_rcnn and retinanet need boxes only")
+    _one_line_error(proc, "--train", "has a usable instance mask", "faster_rcnn and retinanet need boxes only")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -357,7 +357,7 @@ def test_no_c4_recipe_for_a_basic_block_resnet(tmp_path, capsys):
 def test_recipe_goes_with_detectron2_only(tmp_path, capsys):
     path, _ = make_checkpoint(tmp_path, "model.arch=resnet18", "model.width=64")
     assert main(["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "t.pth"),
-                 "--recipe", "retinanet"]) == 1
+                 "--recipe", "faster_rcnn_fpn"]) == 1  # even the default, named
     assert "--recipe goes with --format detectron2" in capsys.readouterr().err
     assert not (tmp_path / "t.pth").exists()
 

@@ -330,6 +330,9 @@ def _say_plan(job: Job, schedule_name: str, train_images: int) -> None:
         if part.malformed:
             print(f"  {part.malformed} annotations of {part.json_path} skipped (no [x, y, w, h] box of a known "
                   "image and category)")
+        if part.no_mask:
+            print(f"  {part.no_mask} annotations of {part.json_path} skipped (no usable instance mask: no "
+                  "'segmentation', or only polygons of under 3 points; detectron2 skips them too)")
     print(f"  schedule {schedule_name}: {s.iterations} iterations x {s.batch} images ({job.world} rank(s)), "
           f"lr {job.lr:g}, steps {list(s.steps)}; out: {job.out}")
     if job.world > 1 and not job.cuda:

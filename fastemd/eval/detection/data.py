@@ -25,6 +25,7 @@ class DetectionSet:
     malformed: int  # annotations without a usable box, skipped
     coco: dict | None  # val only: the json as COCOeval reads it (its valid annotations, area and iscrowd filled in)
     masks: dict[int, list] | None = None  # with masks: image id -> its boxes' `segmentation`s (polygons or RLE)
+    no_mask: int = 0  # with masks: annotations without a usable one, skipped
 
 
 def resolve_data(value: str, split: str) -> Path:
@@ -97,54 +98,38 @@ def load_detection_set(source: str | Path, role: str, masks: bool = False) -> De
     if missing:  # found now, not at hour 10 of a fine-tune
         raise DetectError(f"--{role} {path}: {len(missing)} of its {len(images)} images are not in {root} (first: "
                           f"{missing[0]}); write ANN.json::IMAGE_DIR to name the folder")
-    boxes, labels, valid, malformed = _usable_boxes(annotations, known, label_of)
+    sizes = {r["id"]: (r.get("height"), r.get("width")) for r in data["images"]} if masks else None
+    boxes, labels, segments, valid, malformed, no_mask = _usable_boxes(annotations, known, label_of, sizes)
+    if masks and not boxes and no_mask:
+        raise DetectError(f"--{role} {path}: none of its {len(annotations)} annotations has a usable instance mask "
+                          "('segmentation': polygons of 3 points or more, or RLE of its image's size); --detector "
+                          "mask_rcnn needs them (faster_rcnn and retinanet need boxes only)")
     if not boxes:
         raise DetectError(f"--{role} {path}: none of its {len(annotations)} annotations is a usable box "
                           "(bbox [x, y, w, h] of an image and category of the file)")
-    segments = None
-    if masks:
-        sizes = {r["id"]: (r.get("height"), r.get("width")) for r in data["images"]}
-        if problem := _mask_problem(valid, sizes):
-            raise DetectError(f"--{role} {path}: {problem}; --detector mask_rcnn needs an instance mask "
-                              "('segmentation': polygons or RLE) on every annotation (faster_rcnn and retinanet "
-                              "need boxes only)")
-        segments = {}
-        for a in valid:
-            if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1:  # as _usable_boxes
-                segments.setdefault(a["image_id"], []).append(a["segmentation"])
     return DetectionSet(
         path, images, {i: np.asarray(b, np.float32) for i, b in boxes.items()},
         {i: np.asarray(v, np.int64) for i, v in labels.items()}, categories, malformed,
         # COCOeval's ground truth: the val set's only (COCO train's json would stay in every rank's
         # memory for the whole fine-tune)
         {"images": data["images"], "annotations": valid, "categories": data["categories"]} if role == "val" else None,
-        segments)
+        segments if masks else None, no_mask)
 
 
-def _mask_problem(annotations: list, sizes: dict) -> str | None:
-    """Why the annotations' `segmentation`s cannot be read as instance masks (the first bad one and
-    how many are), or None. Polygons: lists of >= 3 x, y pairs; RLE: {"counts", "size": [h, w]}
-    of its image's size."""
-    bad, first = 0, None
-    for a in annotations:
-        seg = a.get("segmentation")
-        if isinstance(seg, list):
-            ok = bool(seg) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                                   and all(isinstance(v, (int, float)) for v in p) for p in seg)
-        elif isinstance(seg, dict):
-            size = seg.get("size")
-            ok = (isinstance(seg.get("counts"), (list, str)) and isinstance(size, list) and len(size) == 2
-                  and (None in sizes.get(a["image_id"], (None, None)) or tuple(size) == sizes[a["image_id"]]))
-        else:
-            ok = False
-        if not ok:
-            bad += 1
-            first = first or a
-    if not bad:
-        return None
-    what = "no 'segmentation'" if "segmentation" not in first else f"segmentation {str(first['segmentation'])[:60]}"
-    return (f"{bad} of its {len(annotations)} annotations have no usable instance mask (first: annotation "
-            f"{first.get('id')}, {what})")
+def usable_mask(segmentation, size: tuple) -> list | dict | None:
+    """An annotation's `segmentation` as Mask R-CNN can use it, or None: its polygons of 3 points or
+    more (as detectron2 reads COCO: a shorter one is dropped, and an annotation left with none is
+    skipped), or an RLE ({"counts", "size": [h, w]}) of its image's `size` (h, w; None: unknown)."""
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+        return polygons or None
+    if isinstance(segmentation, dict):
+        rle_size = segmentation.get("size")
+        if (isinstance(segmentation.get("counts"), (list, str)) and isinstance(rle_size, list) and len(rle_size) == 2
+                and (None in size or tuple(rle_size) == tuple(size))):
+            return segmentation
+    return None
 
 
 def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
@@ -160,12 +145,16 @@ def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
     return coco_mask.decode(rle)
 
 
-def _usable_boxes(annotations: list, known: set, label_of: dict) -> tuple[dict, dict, list, int]:
-    """Per image, its boxes (x1 y1 x2 y2) and labels; the annotations COCOeval keeps (area and
-    iscrowd filled in); how many were malformed (no [x, y, w, h] box of a known image and category)."""
+def _usable_boxes(annotations: list, known: set, label_of: dict, sizes: dict | None = None
+                  ) -> tuple[dict, dict, dict, list, int, int]:
+    """Per image, its boxes (x1 y1 x2 y2), labels and (with `sizes`, image id -> (h, w): masks wanted)
+    their masks; the annotations COCOeval keeps (area and iscrowd filled in); how many were
+    malformed (no [x, y, w, h] box of a known image and category), and how many had no usable
+    mask (`usable_mask`: left out of training and of COCOeval's ground truth, as detectron2 does)."""
     boxes: dict[int, list] = {}
     labels: dict[int, list] = {}
-    malformed, valid = 0, []
+    segments: dict[int, list] = {}
+    malformed, no_mask, valid = 0, 0, []
     for a in annotations:
         box = a.get("bbox") if isinstance(a, dict) else None
         if (not isinstance(box, list) or len(box) != 4
@@ -173,6 +162,12 @@ def _usable_boxes(annotations: list, known: set, label_of: dict) -> tuple[dict, 
                 or a.get("image_id") not in known or a.get("category_id") not in label_of):
             malformed += 1
             continue
+        if sizes is not None:
+            mask = usable_mask(a.get("segmentation"), sizes.get(a["image_id"], (None, None)))
+            if mask is None:
+                no_mask += 1
+                continue
+            a["segmentation"] = mask  # the loaded json's copy: its polygons that pycocotools can read
         a.setdefault("area", float(box[2]) * float(box[3]))  # COCOeval reads both
         a.setdefault("iscrowd", 0)
         valid.append(a)
@@ -181,7 +176,9 @@ def _usable_boxes(annotations: list, known: set, label_of: dict) -> tuple[dict, 
         x, y, w, h = (float(v) for v in box)
         boxes.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
         labels.setdefault(a["image_id"], []).append(label_of[a["category_id"]])
-    return boxes, labels, valid, malformed
+        if sizes is not None:
+            segments.setdefault(a["image_id"], []).append(a["segmentation"])
+    return boxes, labels, segments, valid, malformed, no_mask
 
 
 def check_same_categories(train: DetectionSet, val: DetectionSet) -> None:
