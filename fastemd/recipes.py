@@ -13,6 +13,10 @@ precise BN before testing, RGB input with the pretraining mean/std, torchvision'
     mask_rcnn_fpn    COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml (Base-RCNN-FPN.yaml)
     retinanet        COCO-Detection/retinanet_R_50_FPN_1x.yaml        (Base-RetinaNet.yaml)
 
+For C4, MoCo's and DenseCL's fine-tunes add a BN after res5 in the RoI head (a class of their own
+train_net.py, Res5ROIHeadsExtraNorm), which no detectron2 config key can express: the mask_rcnn_c4
+recipe is detectron2's C4 with the changes above, without that BN.
+
 tools/check_detectron2.py checks every recipe against a built detectron2 (BENCHMARKS.md).
 """
 
@@ -115,10 +119,12 @@ def _settings(recipe: str, weights: str, depth: int, stem: int, res2: int, width
         model["ROI_HEADS"] = {"NAME": '"StandardROIHeads"', "IN_FEATURES": '["p2", "p3", "p4", "p5"]'}
         model["ROI_BOX_HEAD"] = {"NAME": '"FastRCNNConvFCHead"', "NUM_CONV": 4, "NUM_FC": 1, "POOLER_RESOLUTION": 7,
                                  "NORM": '"SyncBN"'}
-        if recipe == "mask_rcnn_fpn":
-            model["ROI_MASK_HEAD"] = {"NAME": '"MaskRCNNConvUpsampleHead"', "NUM_CONV": 4, "POOLER_RESOLUTION": 14,
-                                      "NORM": '"SyncBN"'}
-    else:  # C4: res5 is the box head (its norm: RESNETS.NORM), the mask head upsamples its output
+        # Base-RCNN-FPN.yaml's mask head, in faster_rcnn_fpn too: MASK_ON True there gets DenseCL's
+        model["ROI_MASK_HEAD"] = {"NAME": '"MaskRCNNConvUpsampleHead"', "NUM_CONV": 4, "POOLER_RESOLUTION": 14,
+                                  "NORM": '"SyncBN"'}
+    else:  # C4: res5 is the box head (its norm: RESNETS.NORM), the mask head upsamples its output.
+        # MoCo's and DenseCL's C4 fine-tunes also put a BN after res5 (Res5ROIHeadsExtraNorm, code
+        # of their train_net.py): no detectron2 config key has it, so this recipe cannot.
         model["RPN"] = {"PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000}
         model["ROI_HEADS"] = {"NAME": '"Res5ROIHeads"'}
     return {

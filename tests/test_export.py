@@ -161,8 +161,8 @@ def test_readme_shows_the_recipe_the_command_prints():
     from fastemd.recipes import recipe_yaml
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    sample = readme.split("For `selfemd_r50.pkl` it prints", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    expected = recipe_yaml("faster_rcnn_fpn", "selfemd_r50.pkl", depth=50, stem=64, res2=256, width=64)
+    sample = readme.split("For `selfemd_r50.pkl` (saved as", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    expected = recipe_yaml("faster_rcnn_fpn", "/abs/path/to/selfemd_r50.pkl", depth=50, stem=64, res2=256, width=64)
     assert sample.rstrip("\n") == expected.rstrip("\n")
 
 
@@ -304,7 +304,7 @@ def _norms(tree, path=""):
 
 
 @pytest.mark.parametrize("recipe, norms", [
-    ("faster_rcnn_fpn", {"RESNETS", "FPN", "ROI_BOX_HEAD"}),
+    ("faster_rcnn_fpn", {"RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"}),  # the base's mask head, MASK_ON off
     ("mask_rcnn_fpn", {"RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"}),
     ("mask_rcnn_c4", {"RESNETS"}),  # res5 is the box head there, normed as the backbone
     ("retinanet", {"RESNETS", "FPN", "RETINANET"}),
@@ -338,7 +338,7 @@ def test_every_recipe_is_the_ssl_fine_tune_of_its_setting(tmp_path, capsys, reci
         assert model["ROI_HEADS"] == {"NAME": "Res5ROIHeads"} and "FPN" not in model
         assert model["BACKBONE"]["NAME"] == "build_resnet_backbone" and model["RESNETS"]["OUT_FEATURES"] == ["res4"]
         assert model["RPN"] == {"PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000}
-    if recipe == "mask_rcnn_fpn":
+    if recipe.endswith("_fpn"):
         assert model["ROI_MASK_HEAD"] == {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "POOLER_RESOLUTION": 14,
                                           "NORM": "SyncBN"}
     assert f"({recipe}) to " in captured.out

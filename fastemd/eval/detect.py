@@ -352,7 +352,9 @@ def _evaluate(job: Job, schedule_name: str, model: nn.Module, batches) -> int:
     if world > 1 and not job.cuda:  # SyncBN (CUDA) averaged them over ranks already; gloo ranks: here
         average_bn_statistics(net, world)
     net.transform.min_size = (s.min_size_test,)  # precise BN saw the training scales
-    results = predict(net, job.val_set, job.device, max(1, s.batch // world), job.rank, world, job.workers, job.cuda)
+    # Mask R-CNN pastes up to 100 full-size masks an image: 2 images a batch keep that within memory
+    batch = max(1, s.batch // world) if not DETECTORS[job.detector].masks else min(2, max(1, s.batch // world))
+    results = predict(net, job.val_set, job.device, batch, job.rank, world, job.workers, job.cuda)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, results)

@@ -98,6 +98,8 @@ def load_detection_set(source: str | Path, role: str, masks: bool = False) -> De
     if missing:  # found now, not at hour 10 of a fine-tune
         raise DetectError(f"--{role} {path}: {len(missing)} of its {len(images)} images are not in {root} (first: "
                           f"{missing[0]}); write ANN.json::IMAGE_DIR to name the folder")
+    if masks:  # masks need their image's size, COCOeval's segm too: read off the file where the json has none
+        _fill_sizes(data["images"], images, role, path)
     sizes = {r["id"]: (r.get("height"), r.get("width")) for r in data["images"]} if masks else None
     boxes, labels, segments, valid, malformed, no_mask = _usable_boxes(annotations, known, label_of, sizes)
     if masks and not boxes and no_mask:
@@ -116,6 +118,22 @@ def load_detection_set(source: str | Path, role: str, masks: bool = False) -> De
         segments if masks else None, no_mask)
 
 
+def _fill_sizes(records: list, images: list, role: str, path: Path) -> None:
+    """The json's image records without width or height get their file's (its header's)."""
+    from PIL import Image, UnidentifiedImageError
+
+    paths = {r["id"]: r["path"] for r in images}
+    for record, image in zip(sorted(records, key=lambda r: r["id"]), images):
+        if isinstance(record.get("width"), int) and isinstance(record.get("height"), int):
+            continue
+        try:
+            with Image.open(paths[record["id"]]) as im:
+                image["width"], image["height"] = record["width"], record["height"] = im.size
+        except (OSError, UnidentifiedImageError) as e:
+            raise DetectError(f"--{role} {path}: {paths[record['id']]}: cannot read its size ({e}); run "
+                              "`fastemd check-data` on the dataset") from None
+
+
 def usable_mask(segmentation, size: tuple) -> list | dict | None:
     """An annotation's `segmentation` as Mask R-CNN can use it, or None: its polygons of 3 points or
     more (as detectron2 reads COCO: a shorter one is dropped, and an annotation left with none is
@@ -132,12 +150,26 @@ def usable_mask(segmentation, size: tuple) -> list | dict | None:
     return None
 
 
-def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """A COCO `segmentation` (polygons, uncompressed or compressed RLE) as an (H, W) uint8 mask."""
+def _compact(segmentation):
+    """A usable mask as the fine-tune keeps it for its whole run: polygons as float32 arrays, RLE
+    compressed (as Python lists, COCO train's polygons would take 1-2 GB a rank, more once forked
+    loader workers touch them)."""
     from pycocotools import mask as coco_mask
 
     if isinstance(segmentation, list):
-        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+        return [np.asarray(p, np.float32) for p in segmentation]
+    if isinstance(segmentation["counts"], list):
+        return coco_mask.frPyObjects(segmentation, *segmentation["size"])
+    return segmentation
+
+
+def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """A COCO `segmentation` (polygons, as lists or arrays; uncompressed or compressed RLE) as an
+    (H, W) uint8 mask."""
+    from pycocotools import mask as coco_mask
+
+    if isinstance(segmentation, list):
+        rle = coco_mask.merge(coco_mask.frPyObjects([np.asarray(p, np.float64) for p in segmentation], height, width))
     elif isinstance(segmentation["counts"], list):
         rle = coco_mask.frPyObjects(segmentation, height, width)
     else:
@@ -177,7 +209,7 @@ def _usable_boxes(annotations: list, known: set, label_of: dict, sizes: dict | N
         boxes.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
         labels.setdefault(a["image_id"], []).append(label_of[a["category_id"]])
         if sizes is not None:
-            segments.setdefault(a["image_id"], []).append(a["segmentation"])
+            segments.setdefault(a["image_id"], []).append(_compact(a["segmentation"]))
     return boxes, labels, segments, valid, malformed, no_mask
 
 
@@ -196,8 +228,9 @@ def check_same_categories(train: DetectionSet, val: DetectionSet) -> None:
 class Images(torch.utils.data.Dataset):
     """(image (3, H, W) float in [0, 1], target) per key (index, flip); flips are decided by the sampler."""
 
-    def __init__(self, data: DetectionSet, ids: list[int]):
+    def __init__(self, data: DetectionSet, ids: list[int], masks: bool = True):
         self.data, self.ids = data, ids
+        self.masks = masks and data.masks is not None  # the val set's are COCOeval's, not the detector's
         self.by_id = {r["id"]: r for r in data.images}
 
     def __len__(self):
@@ -224,7 +257,7 @@ class Images(torch.utils.data.Dataset):
         boxes = torch.from_numpy(self.data.boxes.get(image_id, np.zeros((0, 4), np.float32)).copy())
         labels = torch.from_numpy(self.data.labels.get(image_id, np.zeros((0,), np.int64)).copy())
         target = {"boxes": boxes, "labels": labels, "image_id": image_id}
-        if self.data.masks is not None:
+        if self.masks:
             height, width = pixels.shape[1:]
             masks = [decode_mask(s, height, width) for s in self.data.masks.get(image_id, [])]
             target["masks"] = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, height, width), np.uint8))

@@ -117,7 +117,9 @@ def _retinanet(backbone: nn.Module, num_classes: int, schedule: Schedule, common
                          norm_layer=partial(nn.GroupNorm, min(32, fpn.out_channels)))
     head.regression_head._loss_type = "giou"
     model = RetinaNet(fpn, num_classes + 1, anchor_generator=anchors, head=head, detections_per_img=100, **common)
-    model.head.regression_head.register_forward_hook(_fp32_output)  # boxes decoded in fp32, as above
+    # boxes decoded in fp32, as above; scores too (bf16's 8 bits would tie them in top-k and COCOeval's ranking)
+    model.head.regression_head.register_forward_hook(_fp32_output)
+    model.head.classification_head.register_forward_hook(_fp32_output)
     return model
 
 

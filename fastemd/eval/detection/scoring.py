@@ -21,7 +21,7 @@ def predict(model: nn.Module, data: DetectionSet, device: torch.device, batch: i
     image's size, thresholded at 0.5 as detectron2) of this rank's share of the val images."""
     model.eval()
     ids = [r["id"] for r in data.images][rank::world]
-    loader = make_loader(Images(data, ids), batch_size=batch, num_workers=workers,
+    loader = make_loader(Images(data, ids, masks=False), batch_size=batch, num_workers=workers,
                      sampler=[(i, False) for i in range(len(ids))])
     results = []
     for images, targets in start_loader(loader):
@@ -33,6 +33,8 @@ def predict(model: nn.Module, data: DetectionSet, device: torch.device, batch: i
             masks = _encode(out["masks"]) if "masks" in out else [None] * len(boxes)
             for box, score, label, mask in zip(boxes.tolist(), out["scores"].float().cpu().tolist(),
                                                out["labels"].cpu().tolist(), masks):
+                if label < 1:  # RetinaNet's sigmoid over K + 1 classes can name the background, which is no category
+                    continue
                 results.append({"image_id": target["image_id"], "bbox": [round(v, 2) for v in box],
                                 "score": round(score, 5), "category_id": data.categories[label - 1]["id"]})
                 if mask is not None:
