@@ -325,7 +325,8 @@ def _say_plan(job: Job, schedule_name: str, train_images: int) -> None:
     print(f"fastemd eval detect: {detector.title} on {job.backbone.source}")
     print(f"  the paper's {detector.paper}")
     print(f"  fine-tune on {train_images} images of {train.json_path} ({len(train.categories)} "
-          f"categories), box AP on {len(val.images)} images of {val.json_path}")
+          f"categories), {'box and mask' if detector.masks else 'box'} AP on {len(val.images)} images of "
+          f"{val.json_path}")
     for part in (train, val):
         if part.malformed:
             print(f"  {part.malformed} annotations of {part.json_path} skipped (no [x, y, w, h] box of a known "
