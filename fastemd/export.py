@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fastemd.checkpoint import CheckpointError, load_checkpoint
-from fastemd.recipes import RECIPES, no_recipe, recipe_yaml
+from fastemd.recipes import RECIPES, no_recipe, recipe_yaml, res2_channels
 
 _DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 
@@ -181,9 +181,9 @@ def run(args: argparse.Namespace) -> int:
         except CheckpointError as e:
             print(f"fastemd export: error: {e}", file=sys.stderr)
             return 1
-        width = model.get("width", 64)  # res2's channels: the width, x4 for a bottleneck ResNet
+        width = model.get("width", 64)
         depth = _DEPTH.get(model.get("arch", "resnet50"), 50)
-        if why := no_recipe(args.recipe or "faster_rcnn_fpn", depth, width if depth in (18, 34) else 4 * width):
+        if why := no_recipe(args.recipe or "faster_rcnn_fpn", depth, res2_channels(depth, width)):
             print(f"fastemd export: error: --recipe-output: no detectron2 config: {why}", file=sys.stderr)
             return 1
     try:

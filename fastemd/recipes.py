@@ -59,6 +59,11 @@ COMMENTS = {
 }
 
 
+def res2_channels(depth: int, width: int) -> int:
+    """res2's output channels of a ResNet of `depth` at stem `width` (a bottleneck's are 4x)."""
+    return width if depth in (18, 34) else 4 * width
+
+
 def no_recipe(recipe: str, depth: int, res2: int) -> str | None:
     """Why detectron2 cannot build `recipe` on this backbone, or None."""
     if depth in (18, 34) and res2 != 64:

@@ -192,7 +192,7 @@ def check_all(iterations: int = 3, val_images: int = 8, only: list[str] | None =
     """Every recipe on every backbone; one row each (`ok` and, if not, `why`)."""
     import detectron2.utils.logger as d2_logger
 
-    from fastemd.recipes import RECIPES, no_recipe
+    from fastemd.recipes import RECIPES, no_recipe, res2_channels
 
     d2_logger.setup_logger(output=None, abbrev_name="d2", name="detectron2").setLevel("WARNING")
     rows = []
@@ -207,7 +207,7 @@ def check_all(iterations: int = 3, val_images: int = 8, only: list[str] | None =
                 folder = tmp / f"{arch}_{recipe}"
                 status, output, weights, config = export(checkpoint, recipe, folder)
                 row = {"backbone": f"{arch} width {width}", "recipe": recipe}
-                if no_recipe(recipe, depth, width if depth in (18, 34) else 4 * width):
+                if no_recipe(recipe, depth, res2_channels(depth, width)):
                     refused = status == 1 and "no detectron2 config" in output and not config.exists()
                     rows.append({**row, "ok": refused, "refused": output.strip().splitlines()[-1]})
                     continue
