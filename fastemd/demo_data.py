@@ -27,6 +27,8 @@ pretext task to learn from in a few minutes (BENCHMARKS.md, "Is it learning?").
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -194,6 +196,8 @@ def make_non_iconic_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[di
 
 
 _DEMO_NAME = re.compile(r"\.?\d{12}\.jpg(\.tmp)?")  # what make_demo_data writes in the images' folder
+QUALITY = 90  # the JPEG quality of the demo's images
+LOCK_NAME = ".fastemd-demo.lock"  # in the dataset's root: one process at a time writes the demo there
 
 
 def _is_demo_json(path: Path) -> bool:
@@ -224,7 +228,7 @@ def _not_ours(root: Path, split: str) -> str | None:
     return None
 
 
-def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, quality: int = 90,
+def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, quality: int = QUALITY,
                    split: str = "train2017", replace: bool = False, scenes: str = "iconic") -> Path:
     """Write the `split` of the demo dataset under `root` and return its annotation file's path.
     `scenes`: "iconic" (the demo's: two to five large objects) or "non-iconic" (`make_non_iconic_scene`).
@@ -232,8 +236,30 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
     Files are written to temporary names and renamed, and the json last: a dataset whose json
     exists is complete. Nothing but an earlier demo is overwritten: a `root` holding other files
     under the demo's names (COCO's own layout) raises FileExistsError, unless `replace` (fastemd's
-    own cache folder).
+    own cache folder). Processes writing under the same `root` take turns (`_one_writer`).
     """
+    if not replace and (problem := _not_ours(Path(root), split)):
+        raise FileExistsError(problem)  # before the lock: nothing is written in a folder not ours
+    with _one_writer(Path(root)):
+        return _make(root, num_images, seed, quality, split, replace, scenes)
+
+
+@contextlib.contextmanager
+def _one_writer(root: Path):
+    """Hold an exclusive lock on `root`'s LOCK_NAME: two runs started together (two trainings, a
+    training and `fastemd eval probe`) would otherwise write the same temporary files, and one
+    would find its file renamed away by the other. A `root` that is a file is left to `_not_ours`."""
+    if root.exists() and not root.is_dir():
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def _make(root: str | Path, num_images: int, seed: int, quality: int, split: str, replace: bool,
+          scenes: str) -> Path:
     from PIL import Image
 
     if num_images < 1:
@@ -276,13 +302,19 @@ def ensure_demo_data(root: str | Path | None = None, split: str = "train2017", s
     num_images, seed = SPLITS[split]
     generator = _generator(scenes)
     json_path = root / "annotations" / f"instances_{split}.json"
-    if json_path.is_file():
+
+    def made() -> bool:  # the json is written last: when it is this split's, the split is whole
         try:
             info = json.loads(json_path.read_text())
-            if (len(info["images"]) == num_images and info["info"]["seed"] == seed
-                    and info["info"].get("generator") == generator):
-                return json_path
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged or different dataset (or an earlier generator's) is made again below
-    # fastemd's cache folder is fastemd's: a damaged dataset there is made again; elsewhere only a demo is
-    return make_demo_data(root, num_images=num_images, seed=seed, split=split, replace=root == cache, scenes=scenes)
+            return (len(info["images"]) == num_images and info["info"]["seed"] == seed
+                    and info["info"].get("generator") == generator)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # absent, damaged or different (an earlier generator's): made again below
+
+    if made():  # no lock to read a finished dataset (the cache may be read-only)
+        return json_path
+    with _one_writer(root):
+        if made():  # another process made it while this one waited
+            return json_path
+        # fastemd's cache folder is fastemd's: a damaged dataset there is made again; elsewhere only a demo is
+        return _make(root, num_images, seed, QUALITY, split, root == cache, scenes)

@@ -534,6 +534,7 @@ def test_no_output_option_overwrites_a_file_of_the_users(tmp_path, demo_json):
     (coco / "train2017" / "000000000001.jpg").write_bytes(jpeg[:100])
     _refused(_cli("make-demo-data", str(coco), "--num-images", "2", cwd=tmp_path), "holds files and no demo annotations")
     assert (coco / "train2017" / "000000000001.jpg").read_bytes() == jpeg[:100]
+    assert sorted(p.name for p in coco.iterdir()) == ["annotations", "train2017"]  # not even a lock file
     assert _cli("make-demo-data", str(folder), "--num-images", "2", cwd=tmp_path).returncode == 0  # an earlier demo
     (folder / "train2017" / "holiday.jpg").write_bytes(jpeg)  # ... unless it holds files of the user's
     _refused(_cli("make-demo-data", str(folder), cwd=tmp_path), "holds files the demo did not write (holiday.jpg)")

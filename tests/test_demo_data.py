@@ -177,3 +177,54 @@ def test_the_non_iconic_demo_has_a_cache_of_its_own(tmp_path, monkeypatch):
     info = json.loads(other.read_text())
     assert len(info["images"]) == 4 and info["info"]["generator"]["scenes"] == "non-iconic"
     assert ensure_demo_data(scenes="non-iconic", split="val2017") == other  # reused
+
+
+_ENSURE = """
+import sys
+from fastemd import demo_data
+demo_data.SPLITS["val2017"] = (int(sys.argv[2]), 1)
+print(demo_data.ensure_demo_data(sys.argv[1], split="val2017"))
+"""
+
+
+def _ensure_in_a_process(root, num_images):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _ENSURE, str(root), str(num_images)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_process_making_the_demo_waits_for_another_one_making_it(tmp_path):
+    """Two runs started together (two trainings; a training and `eval probe`) make the same cache:
+    the second waits on the dataset's lock, then finds the first one's dataset whole and keeps it."""
+    import fcntl
+    import time
+
+    from fastemd import demo_data
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / demo_data.LOCK_NAME, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # this test is "the other process", writing
+        proc = _ensure_in_a_process(tmp_path, 3)
+        time.sleep(3)
+        assert proc.poll() is None and not (tmp_path / "val2017").exists()  # waits; writes nothing
+        # what "the other" writes, under the lock it holds (make_demo_data would wait for it: one lock a dataset)
+        demo_data._make(tmp_path, 3, 1, demo_data.QUALITY, "val2017", True, "iconic")
+        stamp = (tmp_path / "annotations" / "instances_val2017.json").stat().st_mtime_ns
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == str(tmp_path / "annotations" / "instances_val2017.json")
+    assert (tmp_path / "annotations" / "instances_val2017.json").stat().st_mtime_ns == stamp  # reused, not remade
+
+
+def test_processes_making_the_demo_together_all_succeed_with_one_dataset(tmp_path):
+    """Without the lock, three processes making one cache together write the same temporary files
+    and one finds its file renamed away (FileNotFoundError; seen with two `fastemd train` runs)."""
+    procs = [_ensure_in_a_process(tmp_path / "cache", 24) for _ in range(3)]
+    results = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], [err for _, err in results]
+    make_demo_data(tmp_path / "alone", num_images=24, seed=1, split="val2017")
+    made = {p.name: p.read_bytes() for p in (tmp_path / "cache" / "val2017").iterdir()}
+    alone = {p.name: p.read_bytes() for p in (tmp_path / "alone" / "val2017").iterdir()}
+    assert made == alone  # exactly the images of one maker, no temporary file left
