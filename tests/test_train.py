@@ -925,8 +925,9 @@ def test_resuming_into_other_schedules_is_refused_unless_asked(demo_json, tmp_pa
     the lr at step 4: one line naming what differs and the way out; with
     train.allow_schedule_change it resumes and says so, and the new schedule holds from step 5."""
     train(tiny_cfg(demo_json, tmp_path, "train.max_steps=4"))
+    base_lr = tiny_cfg(demo_json, tmp_path).optim.base_lr  # the demo preset's
     for change, said in (("train.epochs=40", "train.epochs: saved 10, now 40"),
-                         ("optim.base_lr=8.0", "optim.base_lr: saved 16.0, now 8.0")):
+                         (f"optim.base_lr={base_lr / 2}", f"optim.base_lr: saved {base_lr}, now {base_lr / 2}")):
         with pytest.raises(TrainingError, match=rf"saved with other schedules \({re.escape(said)}\): its lr, weight "
                                                 rf"decay and EMA would jump at step 4; resume with fastemd train --config "
                                                 rf".*config.toml --resume auto, or --train.allow_schedule_change=true"):
@@ -937,7 +938,7 @@ def test_resuming_into_other_schedules_is_refused_unless_asked(demo_json, tmp_pa
     rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     from fastemd.optim import lr_schedule
 
-    assert rows[6]["lr"] == pytest.approx(float(lr_schedule(16.0, 8, 40, 1.0, 4)[5]))  # the new schedule's step 6
+    assert rows[6]["lr"] == pytest.approx(float(lr_schedule(base_lr, 8, 40, 1.0, 4)[5]))  # the new schedule's step 6
 
 
 def test_a_stop_says_so_once_with_the_command_that_continues(demo_json, tmp_path):
