@@ -208,7 +208,7 @@ def bench() -> Config:
 
 
 def demo() -> Config:
-    """About four minutes on an idle 2-core CPU: the embedded demo dataset, a tiny ResNet-18,
+    """About six minutes on an idle 2-core CPU: the embedded demo dataset, a tiny ResNet-18,
     small views, and a backbone that `fastemd eval probe --data demo` shows is better than
     random init (BENCHMARKS.md, "Is it learning?").
 
@@ -217,9 +217,9 @@ def demo() -> Config:
     LARS caps a step at eta x lr of a weight's norm, and the paper's linear rule at batch 32
     (lr 0.025) gives 2.5e-5 a step, 130x less than BYOL's at batch 4096 (3.2e-3): the demo's
     backbone then barely moved (0.26% in 320 steps) and learned nothing a probe could see.
-    base_lr 8 (lr 1.0) gives 1e-3 a step, BYOL's regime. At base_lr 16 three of seeds 0-4 missed
-    the demo's bar, their dense features narrowing while the instance gap stalled; at 8 every seed
-    of 0-7 clears it, chosen on seeds 1 and 3 and confirmed on the six others (BENCHMARKS.md).
+    base_lr 8 (lr 1.0) gives 1e-3 a step, BYOL's regime: chosen from four candidates on seeds 1
+    and 3, which missed the demo's bar at base_lr 16; seeds 0-5 clear it, 6 and 7 miss it on
+    retrieval (BENCHMARKS.md, "The demo on every seed?").
     """
     cfg = Config(preset="demo")
     cfg.data.sources = []  # the demo dataset, made on first use in the cache directory
