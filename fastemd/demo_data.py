@@ -238,23 +238,35 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
     under the demo's names (COCO's own layout) raises FileExistsError, unless `replace` (fastemd's
     own cache folder). Processes writing under the same `root` take turns (`_one_writer`).
     """
-    if not replace and (problem := _not_ours(Path(root), split)):
-        raise FileExistsError(problem)  # before the lock: nothing is written in a folder not ours
+    _check(Path(root), num_images, split, replace, scenes)  # before the lock: a refusal writes nothing
     with _one_writer(Path(root)):
         return _make(root, num_images, seed, quality, split, replace, scenes)
 
 
+def _check(root: Path, num_images: int, split: str, replace: bool, scenes: str) -> None:
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if scenes not in SCENES:
+        raise ValueError(f"scenes must be one of {', '.join(SCENES)}, got {scenes!r}")
+    if not replace and (problem := _not_ours(root, split)):
+        raise FileExistsError(problem)
+
+
 @contextlib.contextmanager
 def _one_writer(root: Path):
-    """Hold an exclusive lock on `root`'s LOCK_NAME: two runs started together (two trainings, a
-    training and `fastemd eval probe`) would otherwise write the same temporary files, and one
-    would find its file renamed away by the other. A `root` that is a file is left to `_not_ours`."""
+    """Hold an exclusive lock on `root`'s LOCK_NAME (an empty file, left in place): two runs
+    started together (two trainings, a training and `fastemd eval probe`) would otherwise write the
+    same temporary files, and one would find its file renamed away by the other. A `root` that is
+    a file is left to `_check`; a file system without locks goes on unlocked, as before."""
     if root.exists() and not root.is_dir():
         yield
         return
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK_NAME, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        except OSError:  # e.g. ENOLCK on an NFS mount without a lock daemon
+            pass
         yield
 
 
@@ -262,14 +274,9 @@ def _make(root: str | Path, num_images: int, seed: int, quality: int, split: str
           scenes: str) -> Path:
     from PIL import Image
 
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if scenes not in SCENES:
-        raise ValueError(f"scenes must be one of {', '.join(SCENES)}, got {scenes!r}")
-    scene = make_scene if scenes == "iconic" else make_non_iconic_scene
     root = Path(root)
-    if not replace and (problem := _not_ours(root, split)):
-        raise FileExistsError(problem)
+    _check(root, num_images, split, replace, scenes)  # again under the lock: another writer may have been first
+    scene = make_scene if scenes == "iconic" else make_non_iconic_scene
     (root / split).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -313,6 +320,7 @@ def ensure_demo_data(root: str | Path | None = None, split: str = "train2017", s
 
     if made():  # no lock to read a finished dataset (the cache may be read-only)
         return json_path
+    _check(root, num_images, split, root == cache, scenes)  # before the lock: a refusal writes nothing
     with _one_writer(root):
         if made():  # another process made it while this one waited
             return json_path

@@ -183,6 +183,7 @@ _ENSURE = """
 import sys
 from fastemd import demo_data
 demo_data.SPLITS["val2017"] = (int(sys.argv[2]), 1)
+print("ready", flush=True)
 print(demo_data.ensure_demo_data(sys.argv[1], split="val2017"))
 """
 
@@ -207,7 +208,8 @@ def test_a_process_making_the_demo_waits_for_another_one_making_it(tmp_path):
     with open(tmp_path / demo_data.LOCK_NAME, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # this test is "the other process", writing
         proc = _ensure_in_a_process(tmp_path, 3)
-        time.sleep(3)
+        assert proc.stdout.readline().strip() == "ready"  # imported, about to make the dataset
+        time.sleep(2)
         assert proc.poll() is None and not (tmp_path / "val2017").exists()  # waits; writes nothing
         # what "the other" writes, under the lock it holds (make_demo_data would wait for it: one lock a dataset)
         demo_data._make(tmp_path, 3, 1, demo_data.QUALITY, "val2017", True, "iconic")
@@ -224,7 +226,15 @@ def test_processes_making_the_demo_together_all_succeed_with_one_dataset(tmp_pat
     procs = [_ensure_in_a_process(tmp_path / "cache", 24) for _ in range(3)]
     results = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0], [err for _, err in results]
+    assert all(out.split()[0] == "ready" for out, _ in results)
     make_demo_data(tmp_path / "alone", num_images=24, seed=1, split="val2017")
     made = {p.name: p.read_bytes() for p in (tmp_path / "cache" / "val2017").iterdir()}
     alone = {p.name: p.read_bytes() for p in (tmp_path / "alone" / "val2017").iterdir()}
     assert made == alone  # exactly the images of one maker, no temporary file left
+
+
+def test_a_refused_make_writes_nothing_not_even_its_lock(tmp_path):
+    for bad in ({"num_images": 0}, {"scenes": "panoramic"}):
+        with pytest.raises(ValueError):
+            make_demo_data(tmp_path / "new", **bad)
+        assert not (tmp_path / "new").exists()
