@@ -238,17 +238,20 @@ def make_demo_data(root: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed:
     under the demo's names (COCO's own layout) raises FileExistsError, unless `replace` (fastemd's
     own cache folder). Processes writing under the same `root` take turns (`_one_writer`).
     """
-    _check(Path(root), num_images, split, replace, scenes)  # before the lock: a refusal writes nothing
+    _check(Path(root), num_images, split, replace, scenes, locked=False)  # a refusal writes nothing
     with _one_writer(Path(root)):
         return _make(root, num_images, seed, quality, split, replace, scenes)
 
 
-def _check(root: Path, num_images: int, split: str, replace: bool, scenes: str) -> None:
+def _check(root: Path, num_images: int, split: str, replace: bool, scenes: str, locked: bool = True) -> None:
+    """Refuse what make_demo_data must not do. Before the lock (`locked` False), a folder that looks
+    foreign only because another fastemd process is writing its demo there (its images and no json
+    yet: as a real COCO folder looks) holds that process's lock file, and is judged under the lock."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if scenes not in SCENES:
         raise ValueError(f"scenes must be one of {', '.join(SCENES)}, got {scenes!r}")
-    if not replace and (problem := _not_ours(root, split)):
+    if not replace and (problem := _not_ours(root, split)) and (locked or not (root / LOCK_NAME).is_file()):
         raise FileExistsError(problem)
 
 
@@ -320,7 +323,7 @@ def ensure_demo_data(root: str | Path | None = None, split: str = "train2017", s
 
     if made():  # no lock to read a finished dataset (the cache may be read-only)
         return json_path
-    _check(root, num_images, split, root == cache, scenes)  # before the lock: a refusal writes nothing
+    _check(root, num_images, split, root == cache, scenes, locked=False)  # a refusal writes nothing
     with _one_writer(root):
         if made():  # another process made it while this one waited
             return json_path

@@ -223,7 +223,14 @@ def test_a_process_making_the_demo_waits_for_another_one_making_it(tmp_path):
 def test_processes_making_the_demo_together_all_succeed_with_one_dataset(tmp_path):
     """Without the lock, three processes making one cache together write the same temporary files
     and one finds its file renamed away (FileNotFoundError; seen with two `fastemd train` runs)."""
-    procs = [_ensure_in_a_process(tmp_path / "cache", 24) for _ in range(3)]
+    import time
+
+    procs = [_ensure_in_a_process(tmp_path / "cache", 24) for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while not any((tmp_path / "cache" / "val2017").glob("*.jpg")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # one started while the others write: their images and no json yet look like a real COCO folder
+    procs.append(_ensure_in_a_process(tmp_path / "cache", 24))
     results = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0], [err for _, err in results]
     assert all(out.split()[0] == "ready" for out, _ in results)
