@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,7 +261,7 @@ def _one_writer(root: Path):
     """Hold an exclusive lock on `root`'s LOCK_NAME (an empty file, left in place): two runs
     started together (two trainings, a training and `fastemd eval probe`) would otherwise write the
     same temporary files, and one would find its file renamed away by the other. A `root` that is
-    a file is left to `_check`; a file system without locks goes on unlocked, as before."""
+    a file is left to `_check`; a file system without locks goes on unlocked, with a warning."""
     if root.exists() and not root.is_dir():
         yield
         return
@@ -268,8 +269,9 @@ def _one_writer(root: Path):
     with open(root / LOCK_NAME, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
-        except OSError:  # e.g. ENOLCK on an NFS mount without a lock daemon
-            pass
+        except OSError as e:  # e.g. ENOLCK on an NFS mount without a lock daemon (as train's RunLock)
+            print(f"fastemd: warning: cannot lock {root / LOCK_NAME} ({e.strerror or e}); two processes making "
+                  f"the demo there at once would mix their files", file=sys.stderr)
         yield
 
 
